@@ -1,0 +1,26 @@
+"""lightning-tpsgd: train neural networks without global backpropagation (tpSGD, DRTP, local losses).
+
+Importing the package registers ``Trainer(strategy="tpsgd")`` in Lightning's strategy registry.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from .engine import Block, LocalLearner, find_blocks
+from .projections import create_projection, list_projections
+from .rules import create_rule, list_rules
+from .strategy import TPSGDStrategy
+
+__version__ = "0.1.0"
+__all__ = [
+    "Block",
+    "LocalLearner",
+    "TPSGDStrategy",
+    "create_projection",
+    "create_rule",
+    "find_blocks",
+    "list_projections",
+    "list_rules",
+]
+
+if TPSGDStrategy.strategy_name not in StrategyRegistry:
+    TPSGDStrategy.register_strategies(StrategyRegistry)

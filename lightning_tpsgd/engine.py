@@ -1,0 +1,686 @@
+"""The tpSGD engine: split a model into blocks, give each hidden block a projected target, train it locally.
+
+Reading order for newcomers: :func:`find_blocks` (what a block is) → :meth:`LocalLearner._tap_hook`
+(projection → local loss → local gradient, then detach) → :meth:`LocalLearner.commit_grads` (hand the
+local gradients to the optimizer) → :meth:`LocalLearner.step` (a whole training step in pure PyTorch).
+
+A *block* is a trainable layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or a
+:class:`~lightning_tpsgd.nn.LocalModule`) with the modules registered after it up to the next trainable
+layer: activations, norms (their parameters belong to the block), pooling, dropout, flatten. The *tap*
+of a block is where its output is compared with its target: after the activation (``target="post"``)
+or before it (``target="pre"``). A forward hook on the tap computes the local gradient at once, frees
+the block's graph, and returns the output detached, so nothing back-propagates from one block into
+another. The last trainable layer (the *output* block) is trained by the model's own loss.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn.base import LocalContext, LocalModule
+from .projections import Projection, create_projection, list_projections
+from .rules import LocalRule, RuleSpec, create_rule
+
+__all__ = ["Block", "LocalLearner", "StopForward", "TRAINABLE_LAYERS", "cross_block_guard", "find_blocks"]
+
+#: Layer types the engine trains with a projected target.
+TRAINABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_CONV_LAYERS = (nn.Conv1d, nn.Conv2d)
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_TORCH_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+_SCHEDULES = ("simultaneous", "layerwise")
+_TARGETS = ("post", "pre")
+_OVERRIDE_KEYS = ("rule", "target", "projection", "target_scale")
+
+
+class StopForward(BaseException):
+    """Raised by the engine after the last block that trains in a layer-wise stage.
+
+    It derives from ``BaseException`` so that user code's ``except Exception`` does not swallow it.
+    """
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return type(m).__module__ == "torch.nn.modules.activation" and not _has_trainable(m)
+
+
+def _has_trainable(m: nn.Module, recurse: bool = False) -> bool:
+    return any(p.requires_grad for p in m.parameters(recurse=recurse))
+
+
+def _is_trainable_layer(m: nn.Module) -> bool:
+    return isinstance(m, (*TRAINABLE_LAYERS, LocalModule)) and _has_trainable(m, recurse=True)
+
+
+@dataclass
+class Block:
+    """One trainable layer and the modules that follow it, up to the next trainable layer.
+
+    Attributes:
+        index: position among the model's blocks.
+        name: qualified name of the trainable layer (``"features.0"``), used in logs and overrides.
+        layer: the trainable layer.
+        followers: ``(name, module)`` pairs registered after the layer within the block.
+        tap: the module whose output is compared with the target.
+        params: the block's trainable parameters (layer and norms), in order.
+        is_output: trained by the model's own loss instead of a projected target.
+        rule / projection / target / target_scale: the local learning configuration (hidden blocks).
+    """
+
+    index: int
+    name: str
+    layer: nn.Module
+    followers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    tap: nn.Module | None = None
+    params: list[nn.Parameter] = field(default_factory=list)
+    is_output: bool = False
+    rule: LocalRule | None = None
+    projection: Projection | None = None
+    target: str = "post"
+    target_scale: float = 1.0
+
+    @property
+    def is_local_module(self) -> bool:
+        return isinstance(self.layer, LocalModule)
+
+
+def find_blocks(model: nn.Module, output_layers: Sequence[str] | None = None) -> list[Block]:
+    """Split ``model`` into blocks, in registration order (see the module docstring).
+
+    Args:
+        model: the network. Frozen modules (no parameter with ``requires_grad``) pass through untouched.
+        output_layers: names of the layers trained by the model's own loss; default: the last
+            trainable layer.
+
+    Raises:
+        TypeError: a module with trainable parameters the engine cannot train locally.
+        ValueError: no trainable layer, an unknown output layer, or a norm the engine cannot place.
+    """
+    blocks: list[Block] = []
+    pending: list[tuple[str, nn.Module]] = []  # frozen / parameter-free modules before the first block
+    for name, module in _leaf_modules(model):
+        if _is_trainable_layer(module):
+            blocks.append(Block(index=len(blocks), name=name, layer=module))
+            continue
+        if _has_trainable(module):
+            if isinstance(module, _TORCH_RECURRENT):
+                raise TypeError(
+                    f"Module '{name}' ({type(module).__name__}) cannot be trained by a projected target: "
+                    "torch's recurrent layers need backpropagation through time. Use "
+                    "lightning_tpsgd.nn.RNN, which implements the paper's locally trained recurrent cell, "
+                    f"or freeze it with model.{name}.requires_grad_(False)."
+                )
+            if not isinstance(module, _NORM_LAYERS):
+                raise TypeError(
+                    f"Module '{name}' ({type(module).__name__}) has trainable parameters but is not a "
+                    f"supported layer ({', '.join(t.__name__ for t in TRAINABLE_LAYERS)}, LocalModule, or a "
+                    "norm after one of them). Freeze it with requires_grad_(False), replace it, or wrap it "
+                    "in a lightning_tpsgd.nn.LocalModule that defines its own local update."
+                )
+            if not blocks:
+                raise ValueError(
+                    f"Norm layer '{name}' ({type(module).__name__}) comes before any trainable layer, so no "
+                    "local target can train it. Freeze it with requires_grad_(False) or move it after a layer."
+                )
+        (blocks[-1].followers if blocks else pending).append((name, module))
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable layer ({', '.join(t.__name__ for t in TRAINABLE_LAYERS)} "
+            "or LocalModule with requires_grad=True): there is nothing to train."
+        )
+    names = [b.name for b in blocks]
+    outputs = list(output_layers) if output_layers else [names[-1]]
+    for out in outputs:
+        if out not in names:
+            raise ValueError(f"output layer {out!r} is not a trainable layer of the model. Trainable layers: {names}.")
+    for block in blocks:
+        block.is_output = block.name in outputs
+        block.params = [p for p in block.layer.parameters() if p.requires_grad]
+        block.params += [p for _, m in block.followers for p in m.parameters() if p.requires_grad]
+    _check_direct_parameters(model, blocks)
+    return blocks
+
+
+def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Leaves in registration order; a LocalModule counts as a leaf even if it has children."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        children = list(module.named_children())
+        if not children or isinstance(module, LocalModule):
+            if module is not model or not children:
+                yield name, module
+            continue
+        for child_name, child in reversed(children):
+            stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+
+def _check_direct_parameters(model: nn.Module, blocks: list[Block]) -> None:
+    owned = {id(p) for b in blocks for p in b.params}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in owned:
+            raise TypeError(
+                f"Parameter '{name}' is trainable but belongs to no supported layer, so no local rule can "
+                "train it. Put it in an nn.Linear/nn.Conv layer, or freeze it with requires_grad_(False)."
+            )
+
+
+def _tap_of(block: Block, target: str) -> nn.Module:
+    """The module whose output is the block output ``h`` that meets the target.
+
+    ``"post"``: the last activation or norm in the run of such modules right after the layer;
+    ``"pre"``: the same run, stopping before the first activation.
+    """
+    tap, tap_pos = block.layer, -1
+    for pos, (_, module) in enumerate(block.followers):
+        if (_is_activation(module) and target == "post") or isinstance(module, _NORM_LAYERS):
+            tap, tap_pos = module, pos
+        else:
+            break
+    for name, module in block.followers[tap_pos + 1 :]:
+        if _has_trainable(module):  # it would receive no gradient: refuse rather than leave it untrained
+            raise ValueError(
+                f"Norm layer '{name}' in block '{block.name}' comes after the point where the target is "
+                f"compared (target={target!r}), so nothing would train it. Move it right after "
+                f"'{block.name}', freeze it, or use target='post'."
+            )
+    return tap
+
+
+class LocalLearner:
+    """Train ``model`` without global backpropagation (tpSGD, DRTP, ℓ1/ℓ2 or any local loss).
+
+    Every hidden block ``i`` is trained on a local loss between its output and the target
+    ``onehot(y) @ P_i``; the output block is trained by ``loss_fn(model(x), y)``. Use :meth:`step` in a
+    plain training loop, or let :class:`~lightning_tpsgd.TPSGDStrategy` drive the same object.
+
+    Args:
+        model: the network; its leaf modules must be registered in the order they are called.
+        num_classes: C; default: ``out_features`` of the (first) output layer.
+        rule: ``"l2"`` (tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a :class:`LocalRule`, or any callable
+            ``loss(output, target) -> scalar``.
+        projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
+            ``"orthogonal"``.
+        conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"`` (the dense
+            ``projection`` over the whole ``K·H·W`` map), or any projection name.
+        target: compare the target with the block output after (``"post"``) or before (``"pre"``) its
+            activation.
+        target_scale: RMS of the dense targets (a multiplier for ``"filter"``). The default 1 matches
+            the unit scale of normalised inputs and of activations at PyTorch's default init; see the README.
+        schedule: ``"simultaneous"`` (every block every batch) or ``"layerwise"`` (block ``k`` alone
+            for ``epochs_per_layer`` epochs, earlier blocks frozen, later blocks not computed).
+        epochs_per_layer: epochs per stage of the layer-wise schedule (an int, or one per stage).
+        seed: seeds every projection (block ``i`` uses its own generator derived from it).
+        optimizer: used by :meth:`step`: an optimizer over ``model.parameters()``, a factory
+            ``params -> Optimizer``, or ``None`` for ``Adam(lr=1e-3)``. The strategy passes none and
+            lets Lightning step the LightningModule's own optimizer.
+        loss_fn: the output blocks' loss, ``loss_fn(output, y)``; default cross-entropy.
+        output_layers: names of the layers trained by ``loss_fn`` (default: the last trainable layer).
+        overrides: per-layer options, ``{"<layer name or fnmatch pattern>": {"rule": ..., "target": ...,
+            "projection": ..., "target_scale": ...}}``.
+        validate: check labels and local losses every step (a small synchronisation cost).
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LeakyReLU(), nn.Linear(32, 10))
+        >>> learner = LocalLearner(model, rule="l2")
+        >>> losses = learner.step(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+        >>> sorted(losses)
+        ['1', 'loss']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int | None = None,
+        *,
+        rule: RuleSpec = "l2",
+        projection: str = "uniform",
+        conv_projection: str = "filter",
+        target: str = "post",
+        target_scale: float = 1.0,
+        schedule: str = "simultaneous",
+        epochs_per_layer: int | Sequence[int] | None = None,
+        seed: int = 0,
+        optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        output_layers: Sequence[str] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        validate: bool = True,
+    ) -> None:
+        _check_choice("schedule", schedule, _SCHEDULES)
+        _check_choice("target", target, _TARGETS)
+        valid_projections = list_projections()
+        _check_choice("projection", projection, [p for p in valid_projections if p != "filter"])
+        _check_choice("conv_projection", conv_projection, ["naive", *valid_projections])
+        self.model = model
+        self.blocks = find_blocks(model, output_layers)
+        self.num_classes = num_classes if num_classes is not None else _infer_num_classes(self.blocks)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}.")
+        self.schedule = schedule
+        self.seed = int(seed)
+        self.loss_fn = loss_fn
+        self.validate = validate
+        self.hidden = [b for b in self.blocks if not b.is_output]
+        self.epochs_per_layer = _stage_epochs(schedule, epochs_per_layer, len(self.hidden) + 1)
+        self._configure_blocks(rule, projection, conv_projection, target, target_scale, overrides or {})
+        self._optimizer_spec = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None  # created by the first step()
+        self._projections = {b.name: b.projection for b in self.hidden if b.projection is not None}
+        self._loaded_projections: dict[str, Tensor] = {}
+        self._pending: dict[int, list[Tensor | None]] = {}
+        self._losses: dict[str, Tensor] = {}
+        self._labels: Tensor | None = None
+        self._stage = 0 if schedule == "layerwise" else None
+        self._handles = [self._attach(b) for b in self.hidden]
+        self.set_epoch(0)
+
+    # ------------------------------------------------------------------ configuration
+    def _configure_blocks(
+        self,
+        rule: RuleSpec,
+        projection: str,
+        conv_projection: str,
+        target: str,
+        target_scale: float,
+        overrides: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        matched: set[str] = set()
+        for block in self.hidden:
+            opts: dict[str, Any] = {"rule": rule, "target": target, "target_scale": target_scale}
+            is_conv = isinstance(block.layer, _CONV_LAYERS)
+            opts["projection"] = (
+                (projection if conv_projection == "naive" else conv_projection) if is_conv else projection
+            )
+            if isinstance(block.layer, LocalModule):
+                opts["projection"] = None  # a LocalModule asks for its own projections
+            for pattern, extra in overrides.items():
+                if fnmatch.fnmatchcase(block.name, pattern):
+                    unknown = set(extra) - set(_OVERRIDE_KEYS)
+                    if unknown:
+                        raise ValueError(
+                            f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; valid keys: {_OVERRIDE_KEYS}."
+                        )
+                    opts.update(extra)
+                    matched.add(pattern)
+            _check_choice(f"target of block '{block.name}'", opts["target"], _TARGETS)
+            scale = float(opts["target_scale"])
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"target_scale of block '{block.name}' must be positive and finite, got {scale}.")
+            block.rule = create_rule(opts["rule"])
+            block.target = opts["target"]
+            block.target_scale = scale
+            if opts["projection"] is not None:
+                block.projection = create_projection(opts["projection"], self.num_classes, scale)
+            block.tap = block.layer if block.is_local_module else _tap_of(block, block.target)
+        unmatched = [p for p in overrides if p not in matched]
+        if unmatched:
+            raise ValueError(
+                f"overrides name layers that are not hidden trainable layers: {unmatched}. "
+                f"Hidden layers: {[b.name for b in self.hidden]}."
+            )
+
+    def _attach(self, block: Block) -> Any:
+        if block.is_local_module:
+            return None
+        return block.tap.register_forward_hook(self._make_tap_hook(block))
+
+    def close(self) -> None:
+        """Remove the hooks and unfreeze every block; the model is then an ordinary module again."""
+        for handle in self._handles:
+            if handle is not None:
+                handle.remove()
+        self._handles = []
+        self._set_frozen(frozen=set())
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def num_stages(self) -> int:
+        """Stages of the layer-wise schedule: one per hidden block, then the output layer(s)."""
+        return len(self.hidden) + 1
+
+    @property
+    def stage(self) -> int | None:
+        """Current layer-wise stage (``None`` for the simultaneous schedule)."""
+        return self._stage
+
+    def stage_of_epoch(self, epoch: int) -> int:
+        """Layer-wise stage that trains during ``epoch``; extra epochs go to the last stage."""
+        total = 0
+        for stage, n in enumerate(self.epochs_per_layer[:-1]):
+            total += n
+            if epoch < total:
+                return stage
+        return self.num_stages - 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the layer-wise schedule to ``epoch`` (a no-op for the simultaneous schedule)."""
+        if self.schedule != "layerwise":
+            return
+        self._stage = self.stage_of_epoch(epoch)
+        trained = self._stage_blocks()
+        self._set_frozen({b.index for b in self.blocks if b.index not in trained})
+
+    def _stage_blocks(self) -> set[int]:
+        if self._stage is None:
+            return {b.index for b in self.blocks}
+        if self._stage < len(self.hidden):
+            return {self.hidden[self._stage].index}
+        return {b.index for b in self.blocks if b.is_output}
+
+    def _set_frozen(self, frozen: set[int]) -> None:
+        for block in self.blocks:
+            for p in block.params:
+                p.requires_grad_(block.index not in frozen)
+
+    # ------------------------------------------------------------------ the local step
+    def _make_tap_hook(self, block: Block) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: Any, h: Tensor) -> Tensor | None:
+            if self._labels is None:  # evaluation, or a forward outside a training step
+                return None
+            if block.params[0].requires_grad:  # not frozen by the layer-wise schedule
+                if not h.requires_grad:
+                    raise RuntimeError(
+                        f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
+                        "training needs grad mode for the block's own graph."
+                    )
+                self._local_update(block, h)
+            if self._stop_after(block):
+                raise StopForward
+            return h.detach()
+
+        return hook
+
+    def _local_update(self, block: Block, h: Tensor) -> None:
+        """Projection → local loss → gradient of the block's parameters; the block's graph is freed here."""
+        assert self._labels is not None and block.rule is not None and block.projection is not None
+        if not block.projection.is_built:
+            self._build_projection(block.name, block.projection, tuple(h.shape[1:]), h.device, block.params[0].dtype)
+        t = block.projection(self._labels)  # (B, *S): onehot(y) @ P as a row gather
+        if self.validate and t.shape != h.shape:
+            raise ValueError(
+                f"Block '{block.name}' produced an output of shape {tuple(h.shape)} but its projection gives "
+                f"targets of shape {tuple(t.shape)}. Its output shape must not change between batches "
+                "(except the batch size)."
+            )
+        if block.rule.closed_form:
+            loss, grad_h = block.rule.loss_and_grad_(h.detach(), t.to(h.dtype))
+            grads = torch.autograd.grad(h, block.params, grad_h, allow_unused=True)
+        else:
+            loss = block.rule.loss(h, t.to(h.dtype))
+            grads = torch.autograd.grad(loss, block.params, allow_unused=True)
+            loss = loss.detach()
+        self._record(block, grads, loss)
+
+    def _record(self, block: Block, grads: Sequence[Tensor | None], loss: Tensor) -> None:
+        if self.validate and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"Local loss of block '{block.name}' is {loss.item()} (rule {block.rule!r}). Lower the learning "
+                "rate or target_scale, or check the inputs for NaN/inf."
+            )
+        previous = self._pending.get(block.index)
+        if previous is None:
+            self._pending[block.index] = list(grads)
+        else:  # the block ran twice in one step (a shared layer): accumulate, as autograd would
+            self._pending[block.index] = [
+                a if b is None else (b if a is None else a + b) for a, b in zip(previous, grads, strict=True)
+            ]
+        key = block.name
+        self._losses[key] = loss if key not in self._losses else self._losses[key] + loss
+
+    def _stop_after(self, block: Block) -> bool:
+        return self._stage is not None and self._stage < len(self.hidden) and block is self.hidden[self._stage]
+
+    def _build_projection(
+        self, name: str, projection: Projection, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        saved = self._loaded_projections.pop(name, None)
+        if saved is not None:
+            expected = (self.num_classes, *shape)
+            if tuple(saved.shape) != expected:
+                raise ValueError(
+                    f"The checkpoint's projection for '{name}' has shape {tuple(saved.shape)} but the block now "
+                    f"needs {expected}. The model or its input size changed since the checkpoint was saved."
+                )
+            projection.P = saved.to(device=device, dtype=dtype)
+            return
+        projection.build(shape, self._generator(name), device, dtype)
+
+    def _generator(self, key: str) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+
+    def _local_context(self, block: Block) -> LocalContext:
+        assert self._labels is not None and block.rule is not None
+
+        def projection(key: str, shape: Sequence[int], kind: str | None = None, scale: float | None = None) -> Tensor:
+            name = f"{block.name}:{key}"
+            proj = self._projections.get(name)
+            if proj is None:
+                proj = create_projection(kind or "uniform", self.num_classes, scale or block.target_scale)
+                p0 = block.params[0]
+                self._build_projection(name, proj, tuple(shape), p0.device, p0.dtype)
+                self._projections[name] = proj
+            return proj.P
+
+        def submit(grads: Sequence[Tensor | None], loss: Tensor) -> None:
+            if len(grads) != len(block.params):
+                raise ValueError(
+                    f"LocalModule '{block.name}' submitted {len(grads)} gradients for {len(block.params)} "
+                    "trainable parameters; give one per parameter, in parameters() order (None for none)."
+                )
+            self._record(block, grads, loss.detach())
+            if self._stop_after(block):
+                raise StopForward
+
+        return LocalContext(
+            labels=self._labels,
+            num_classes=self.num_classes,
+            rule=block.rule,
+            block=block.name,
+            projection=projection,
+            submit=submit,
+        )
+
+    @contextmanager
+    def local_training(self, labels: Tensor) -> Iterator[None]:
+        """Within this context, a forward pass of the model trains every hidden block locally.
+
+        The local gradients wait in the learner until :meth:`commit_grads` (after the output loss's
+        backward), because Lightning zeroes gradients between the training step and the backward.
+        """
+        if self.validate:
+            _check_labels(labels, self.num_classes)
+        self._labels = labels.long() if labels.dtype != torch.long else labels
+        self._losses = {}
+        trained = self._stage_blocks()
+        local_modules = [b for b in self.hidden if b.is_local_module and b.index in trained]
+        for block in local_modules:
+            block.layer.tpsgd_context = self._local_context(block)
+        try:
+            yield
+        finally:
+            for block in local_modules:
+                block.layer.tpsgd_context = None
+            self._labels = None
+
+    def run(self, forward: Callable[[], Any], labels: Tensor) -> Any:
+        """Call ``forward()`` inside :meth:`local_training`; returns ``None`` if a layer-wise stage stopped it."""
+        try:
+            with self.local_training(labels):
+                return forward()
+        except StopForward:
+            return None
+
+    @property
+    def trains_output(self) -> bool:
+        """Whether the current stage trains the output layer(s) with the model's loss."""
+        return self._stage is None or self._stage == len(self.hidden)
+
+    def local_losses(self) -> dict[str, Tensor]:
+        """Detached local loss of each hidden block trained in the last forward, keyed by layer name."""
+        return dict(self._losses)
+
+    @torch.no_grad()
+    def commit_grads(self, scale: float | Tensor | None = None) -> None:
+        """Write the pending local gradients into ``.grad`` (after the output loss's backward, if any).
+
+        Args:
+            scale: multiply the local gradients by this (a ``16-mixed`` loss scale), so the optimizer's
+                unscaling treats them like the gradients of the scaled output loss.
+
+        Raises:
+            RuntimeError: the output loss reached a hidden block, i.e. the model's forward reuses a tensor
+                from before a block (a skip connection across blocks), which would break locality.
+        """
+        for index, grads in self._pending.items():
+            block = self.blocks[index]
+            for p, g in zip(block.params, grads, strict=True):
+                if p.grad is not None and p.grad.any():
+                    raise RuntimeError(
+                        f"The model's loss back-propagated into hidden block '{block.name}'. Its forward must "
+                        "not reuse tensors across blocks (skip connections); feed each block only the output "
+                        "of the previous one."
+                    )
+                p.grad = g if scale is None or g is None else g.mul_(scale)
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ pure-PyTorch training step
+    def step(self, x: Any, y: Tensor) -> dict[str, float]:
+        """One training step: local updates of the hidden blocks and the loss step of the output block.
+
+        Args:
+            x: the model input (anything ``model`` accepts).
+            y: (B,) integer labels.
+
+        Returns:
+            ``{"<layer name>": local loss, ..., "loss": output loss}`` as floats (``"loss"`` is absent in a
+            layer-wise stage that trains a hidden block).
+        """
+        if self.optimizer is None:
+            self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.run(lambda: self.model(x), y)
+        logs = {k: float(v) for k, v in self._losses.items()}
+        if out is not None and self.trains_output:
+            loss = self.loss_fn(out, y)
+            with cross_block_guard():
+                loss.backward()
+            logs["loss"] = float(loss.detach())
+        self.commit_grads()
+        self.optimizer.step()
+        return logs
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Projections (``P`` of every block), the seed and the schedule position."""
+        projections = {name: p.P for name, p in self._projections.items() if p.is_built}
+        state: dict[str, Any] = {"projections": projections, "seed": self.seed, "stage": self._stage}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore projections (now or when their block first runs) and the optimizer state."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"The checkpoint was trained with seed={state['seed']} but this learner has seed={self.seed}; "
+                "use the same seed so the projections match."
+            )
+        names = {b.name for b in self.hidden}
+        for name, P in state["projections"].items():
+            if name.split(":")[0] not in names:
+                raise ValueError(f"The checkpoint has a projection for '{name}', which is not a hidden block here.")
+            projection = self._projections.get(name)
+            self._loaded_projections[name] = P
+            if projection is not None and projection.is_built:  # replace now; otherwise at its first batch
+                assert projection.P is not None
+                self._build_projection(name, projection, tuple(P.shape[1:]), projection.P.device, projection.P.dtype)
+        if "optimizer" in state:
+            if self.optimizer is None:
+                self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+@contextmanager
+def cross_block_guard() -> Iterator[None]:
+    """Turn autograd's "backward through the graph a second time" into an explanation of the cause."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "backward through the graph a second time" not in str(err):
+            raise
+        raise RuntimeError(
+            "The model's loss back-propagated into a hidden block whose local graph was already freed: the "
+            "forward reuses a tensor from inside a block after that block ended (a skip connection across "
+            "blocks). Feed each block only the output of the previous one, or make the skip part of one block."
+        ) from err
+
+
+def _check_choice(what: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"Invalid {what} {value!r}; choose one of {', '.join(map(repr, valid))}.")
+
+
+def _infer_num_classes(blocks: list[Block]) -> int:
+    out = next(b for b in blocks if b.is_output).layer
+    n = getattr(out, "out_features", None) or getattr(out, "out_channels", None)
+    if n is None:
+        raise ValueError(f"Cannot infer num_classes from output layer {type(out).__name__}; pass num_classes=.")
+    return int(n)
+
+
+def _stage_epochs(schedule: str, epochs_per_layer: int | Sequence[int] | None, stages: int) -> list[int]:
+    if schedule == "simultaneous":
+        if epochs_per_layer is not None:
+            raise ValueError("epochs_per_layer only applies to schedule='layerwise'; remove it or set the schedule.")
+        return []
+    if epochs_per_layer is None:
+        raise ValueError("schedule='layerwise' needs epochs_per_layer (epochs each block trains before the next).")
+    epochs = (
+        [int(epochs_per_layer)] * stages if isinstance(epochs_per_layer, int) else [int(e) for e in epochs_per_layer]
+    )
+    if len(epochs) != stages or any(e < 1 for e in epochs):
+        raise ValueError(
+            f"epochs_per_layer must be a positive int or {stages} positive ints (one per hidden block, then "
+            f"the output layer); got {epochs_per_layer!r}."
+        )
+    return epochs
+
+
+def _make_optimizer(
+    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None, model: nn.Module
+) -> torch.optim.Optimizer:
+    if optimizer is None:
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer):
+        return optimizer(model.parameters())
+    raise TypeError(f"optimizer must be a torch Optimizer, a factory params -> Optimizer, or None; got {optimizer!r}.")
+
+
+def _check_labels(labels: Any, num_classes: int) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"Labels must be a tensor of class indices, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"Labels must be integer class indices, got dtype {labels.dtype}. Convert them with y.long() "
+            "(one-hot or soft labels are not supported as targets)."
+        )
+    if labels.ndim != 1:
+        raise ValueError(f"Labels must have shape (B,), got {tuple(labels.shape)}.")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"Labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]. "
+            "Set num_classes to the number of classes."
+        )

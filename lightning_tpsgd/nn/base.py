@@ -1,0 +1,47 @@
+"""The protocol for layers that compute their own local update (e.g. the unrolled recurrent cell)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from ..rules import LocalRule
+
+__all__ = ["LocalContext", "LocalModule"]
+
+
+@dataclass
+class LocalContext:
+    """What the engine hands a :class:`LocalModule` for one local training forward pass.
+
+    Attributes:
+        labels: (B,) integer labels of the batch.
+        num_classes: C.
+        rule: the block's local rule.
+        block: the module's qualified name in the model (for error messages).
+        projection: ``projection(key, shape, kind=None) -> P`` returns a fixed, seeded, checkpointed
+            matrix of shape ``(C, *shape)``; ``kind`` is a projection registry name (default: the block's).
+        submit: ``submit(grads, loss)`` hands back one gradient per trainable parameter (in
+            ``parameters()`` order, ``None`` for none) and the detached local loss (a scalar tensor).
+    """
+
+    labels: Tensor
+    num_classes: int
+    rule: LocalRule
+    block: str
+    projection: Callable[..., Tensor]
+    submit: Callable[[Sequence[Tensor | None], Tensor], None]
+    options: dict = field(default_factory=dict)
+
+
+class LocalModule(nn.Module):
+    """A trainable layer the engine does not differentiate itself.
+
+    While its block trains locally, ``self.tpsgd_context`` holds a :class:`LocalContext`; ``forward``
+    must then compute its own pseudo-gradients, hand them to ``context.submit`` and return outputs that
+    carry no autograd graph. Otherwise (``tpsgd_context is None``) it is an ordinary differentiable module.
+    """
+
+    tpsgd_context: LocalContext | None = None

@@ -1,0 +1,127 @@
+"""Local learning rules: what a hidden block minimises against its projected target.
+
+A rule holds configuration only; it is a thin wrapper over :mod:`lightning_tpsgd.functional`.
+Built-in rules also provide :meth:`LocalRule.loss_and_grad_`, the closed-form gradient with respect to
+the block output, which lets the engine skip building an autograd graph for the loss itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from . import functional as TF
+from ._registry import Registry
+
+__all__ = ["LocalRule", "TPSGDL1", "TPSGDL2", "DRTP", "CallableRule", "create_rule", "list_rules", "register_rule"]
+
+_RULES: Registry[LocalRule] = Registry("rule")
+register_rule = _RULES.register
+
+
+class LocalRule:
+    """Base class. Subclasses implement :meth:`loss` and, when they can, :meth:`loss_and_grad_`.
+
+    Shape:
+        - h: (B, *S) block output (after or before its activation, see ``target``)
+        - t: (B, *S) projected target
+    """
+
+    name: str = "custom"
+    #: True when :meth:`loss_and_grad_` is implemented (no autograd graph for the loss).
+    closed_form: bool = False
+
+    def loss(self, h: Tensor, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(loss, dloss/dh)``; may overwrite ``t`` with the gradient."""
+        raise NotImplementedError(f"Rule {self.name!r} has no closed-form gradient; the engine uses autograd.")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@register_rule("l2")
+class TPSGDL2(LocalRule):
+    r"""tpSGD-ℓ2 (paper Table 1): :math:`J_i = \operatorname{mean}(h_i - y^* B_i)^2`."""
+
+    closed_form = True
+
+    def loss(self, h: Tensor, t: Tensor) -> Tensor:
+        return TF.tpsgd_l2(h, t)
+
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return TF.tpsgd_l2_grad_(h, t)
+
+
+@register_rule("l1")
+class TPSGDL1(LocalRule):
+    r"""tpSGD-ℓ1 (paper Table 1): :math:`J_i = \operatorname{mean}|h_i - y^* B_i|`."""
+
+    closed_form = True
+
+    def loss(self, h: Tensor, t: Tensor) -> Tensor:
+        return TF.tpsgd_l1(h, t)
+
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return TF.tpsgd_l1_grad_(h, t)
+
+
+@register_rule("drtp")
+class DRTP(LocalRule):
+    r"""Direct Random Target Projection (Frenkel et al. 2021; paper Table 1).
+
+    The update :math:`w \leftarrow w + \eta\, (B_i y^*) \odot \sigma_i'(z_i)\, x_i` is the gradient step
+    of the surrogate :math:`J_i = -\operatorname{mean}(h_i \odot y^* B_i)`.
+
+    .. note:: DRTP drives activations along the target direction without bound; it is meant for
+       saturating activations (sigmoid, tanh), as in the paper's recurrent cell.
+    """
+
+    closed_form = True
+
+    def loss(self, h: Tensor, t: Tensor) -> Tensor:
+        return TF.drtp(h, t)
+
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return TF.drtp_grad_(h, t)
+
+
+class CallableRule(LocalRule):
+    """Any differentiable ``loss(output, target) -> scalar`` (e.g. ``F.smooth_l1_loss``), via autograd."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        if not callable(fn):
+            raise TypeError(f"CallableRule needs a callable loss(output, target), got {type(fn).__name__}.")
+        self.fn = fn
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+
+    def loss(self, h: Tensor, t: Tensor) -> Tensor:
+        return self.fn(h, t)
+
+    def __repr__(self) -> str:
+        return f"CallableRule({self.name})"
+
+
+RuleSpec = str | LocalRule | Callable[[Tensor, Tensor], Tensor]
+
+
+def create_rule(rule: RuleSpec) -> LocalRule:
+    """Resolve ``"l1"`` / ``"l2"`` / ``"drtp"``, a :class:`LocalRule` or a loss callable into a rule."""
+    if isinstance(rule, LocalRule):
+        return rule
+    if isinstance(rule, str):
+        return _RULES.get(rule)()
+    if callable(rule):
+        return CallableRule(rule)
+    raise TypeError(
+        f"rule must be a name ({', '.join(_RULES.names())}), a LocalRule or a callable loss(output, target); "
+        f"got {type(rule).__name__}."
+    )
+
+
+def list_rules(pattern: str = "*") -> list[str]:
+    """Names of the registered rules matching ``pattern`` (fnmatch)."""
+    return _RULES.names(pattern)

@@ -1,0 +1,260 @@
+"""``Trainer(strategy="tpsgd")``: thin Lightning glue over :class:`~lightning_tpsgd.engine.LocalLearner`.
+
+The LightningModule stays unchanged. During ``training_step`` the engine's hooks train every hidden
+block on its projected target and detach its output, so the loss the module returns reaches only the
+output layer; after Lightning's backward, :meth:`post_backward` hands the local gradients to the
+module's own optimizer, which then takes one step per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from typing_extensions import override
+
+from .engine import LocalLearner, cross_block_guard
+from .rules import RuleSpec
+
+__all__ = ["TPSGDStrategy", "LabelSpec"]
+
+LabelSpec = int | str | Callable[[Any], Tensor] | None
+_CHECKPOINT_KEY = "tpsgd"
+
+
+class TPSGDStrategy(SingleDeviceStrategy):
+    """Train an unchanged LightningModule without global backpropagation, on one device.
+
+    Args:
+        rule: local rule of the hidden blocks: ``"l2"`` (tpSGD-ℓ2), ``"l1"``, ``"drtp"`` or a callable
+            ``loss(output, target)``.
+        projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
+            ``"orthogonal"``.
+        conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"``.
+        target: compare targets after (``"post"``) or before (``"pre"``) the block's activation.
+        target_scale: RMS of the targets (multiplier for ``"filter"``).
+        schedule: ``"simultaneous"`` or ``"layerwise"``.
+        epochs_per_layer: layer-wise only: epochs per stage (one per hidden block, then one for the output
+            layer). ``max_epochs`` must leave the output stage at least one epoch; epochs beyond the
+            schedule keep training the output layer.
+        seed: seeds the projections.
+        num_classes: default: the output layer's ``out_features``.
+        labels: where the labels are in a batch: ``None`` (``batch[1]``, or a dict's ``"label"`` /
+            ``"labels"``), an index, a key, or a callable ``batch -> labels``.
+        output_layers: layers trained by the module's loss (default: the last trainable layer), or the
+            LightningModule's ``tpsgd_output_layers`` attribute when it has one.
+        overrides: per-layer options, e.g. ``{"net.0": {"rule": "l1", "target": "pre"}}``.
+        validate: check labels and local losses every step.
+        log_local_losses: log each block's local loss as ``tpsgd/<layer>/loss``.
+        device: the device to train on (default: the one the Trainer's accelerator picks).
+    """
+
+    strategy_name = "tpsgd"
+
+    def __init__(
+        self,
+        rule: RuleSpec = "l2",
+        projection: str = "uniform",
+        conv_projection: str = "filter",
+        target: str = "post",
+        target_scale: float = 1.0,
+        schedule: str = "simultaneous",
+        epochs_per_layer: int | Sequence[int] | None = None,
+        seed: int = 0,
+        num_classes: int | None = None,
+        labels: LabelSpec = None,
+        output_layers: Sequence[str] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        validate: bool = True,
+        log_local_losses: bool = True,
+        device: str | torch.device | None = None,
+        **strategy_kwargs: Any,
+    ) -> None:
+        super().__init__(device=device or "cpu", **strategy_kwargs)
+        self._explicit_device = device is not None
+        self.parallel_devices: list[torch.device] | None = None  # filled in by Lightning's connector
+        self.learner_kwargs: dict[str, Any] = dict(
+            rule=rule,
+            projection=projection,
+            conv_projection=conv_projection,
+            target=target,
+            target_scale=target_scale,
+            schedule=schedule,
+            epochs_per_layer=epochs_per_layer,
+            seed=seed,
+            num_classes=num_classes,
+            output_layers=output_layers,
+            overrides=overrides,
+            validate=validate,
+        )
+        self.labels = labels
+        self.log_local_losses = log_local_losses
+        self.learner: LocalLearner | None = None
+        self._checkpoint_state: dict[str, Any] | None = None
+        # Fail on bad options now, not at the first batch (a throw-away check on a tiny model).
+        _validate_options(self.learner_kwargs)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="tpSGD local learning on one device")
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._explicit_device and self.parallel_devices:
+            return torch.device(self.parallel_devices[0])
+        return self._root_device
+
+    # ------------------------------------------------------------------ set-up and teardown
+    @override
+    def setup(self, trainer: Any) -> None:
+        if self.parallel_devices and len(self.parallel_devices) > 1:
+            raise ValueError(
+                f"strategy='tpsgd' trains on one device but the Trainer asked for {len(self.parallel_devices)}. "
+                "Use devices=1, or the data-parallel strategy 'tpsgd_ddp'."
+            )
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            _check_trainer(trainer)
+            self.learner = self._make_learner()
+            _check_schedule(trainer, self.learner)
+
+    def _make_learner(self) -> LocalLearner:
+        module = self.lightning_module
+        assert module is not None
+        kwargs = dict(self.learner_kwargs)
+        if kwargs["output_layers"] is None and getattr(module, "tpsgd_output_layers", None):
+            kwargs["output_layers"] = list(module.tpsgd_output_layers)
+        learner = LocalLearner(module, **kwargs)
+        if self._checkpoint_state is not None:
+            learner.load_state_dict(self._checkpoint_state)
+            self._checkpoint_state = None
+        return learner
+
+    @override
+    def teardown(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+        super().teardown()
+
+    # ------------------------------------------------------------------ the training step
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        learner = self.learner
+        assert learner is not None, "TPSGDStrategy.setup() was not called for fitting"
+        trainer = self.lightning_module.trainer
+        learner.set_epoch(trainer.current_epoch)
+        batch = args[0] if args else kwargs["batch"]
+        labels = _extract_labels(batch, self.labels, trainer.global_step)
+        output = learner.run(lambda: super(TPSGDStrategy, self).training_step(*args, **kwargs), labels)
+        losses = learner.local_losses()
+        if self.log_local_losses:
+            for name, value in losses.items():
+                self.lightning_module.log(f"tpsgd/{name}/loss", value, batch_size=labels.shape[0])
+        if output is None:  # a layer-wise stage training a hidden block: the output layer is not computed
+            total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=labels.device)
+            return total.detach().requires_grad_()  # a leaf for Lightning's backward; carries no gradient
+        return output
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        with cross_block_guard():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        assert self.learner is not None
+        self.learner.commit_grads(scale=_loss_scale(self.precision_plugin))
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self.learner is not None:
+            checkpoint[_CHECKPOINT_KEY] = self.learner.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is not None:
+            if self.learner is not None:
+                self.learner.load_state_dict(state)
+            else:
+                self._checkpoint_state = state
+        return checkpoint
+
+
+def _validate_options(kwargs: Mapping[str, Any]) -> None:
+    probe = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    checked = {k: v for k, v in kwargs.items() if k not in ("output_layers", "overrides", "num_classes")}
+    if checked["schedule"] == "layerwise" and isinstance(checked["epochs_per_layer"], Sequence):
+        checked["epochs_per_layer"] = 1  # its length is checked against the real model at setup
+    LocalLearner(probe, num_classes=2, **checked).close()
+
+
+def _check_trainer(trainer: Any) -> None:
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot work with "
+            "strategy='tpsgd': every block takes its local step on each batch. Use a larger batch size instead."
+        )
+    if not trainer.lightning_module.automatic_optimization:
+        raise ValueError(
+            "strategy='tpsgd' drives the optimizer step itself and needs automatic optimization; remove "
+            "`self.automatic_optimization = False` from the LightningModule."
+        )
+
+
+def _check_schedule(trainer: Any, learner: LocalLearner) -> None:
+    if learner.schedule != "layerwise" or trainer.max_epochs in (None, -1):
+        return
+    needed = sum(learner.epochs_per_layer[:-1]) + 1
+    if trainer.max_epochs < needed:
+        raise ValueError(
+            f"The layer-wise schedule trains {learner.num_stages} stages with epochs_per_layer="
+            f"{learner.epochs_per_layer}, so the output layer starts at epoch {needed - 1}, but "
+            f"Trainer(max_epochs={trainer.max_epochs}) stops before. Set max_epochs={sum(learner.epochs_per_layer)}."
+        )
+
+
+def _loss_scale(precision_plugin: Any) -> float | Tensor | None:
+    """The current scale of a ``16-mixed`` loss scaler, so local gradients are unscaled like the others."""
+    scaler = getattr(precision_plugin, "scaler", None)
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
+
+def _extract_labels(batch: Any, spec: LabelSpec, step: int) -> Tensor:
+    """Labels of ``batch`` according to ``spec`` (see :class:`TPSGDStrategy`)."""
+    if callable(spec):
+        labels = spec(batch)
+    elif spec is not None:
+        try:
+            labels = batch[spec]
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"Batch {step} has no labels at {spec!r} (TPSGDStrategy(labels={spec!r})).") from err
+    elif isinstance(batch, Mapping):
+        key = next((k for k in ("label", "labels") if k in batch), None)
+        if key is None:
+            raise ValueError(
+                f"Batch {step} is a dict with keys {sorted(batch)} but no 'label' or 'labels'. Tell the strategy "
+                "where the labels are: TPSGDStrategy(labels='<key>') or labels=callable(batch)."
+            )
+        labels = batch[key]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        labels = batch[1]
+    else:
+        raise ValueError(
+            f"Batch {step} ({type(batch).__name__}) carries no labels: tpSGD needs them to build local targets. "
+            "Return (x, y) batches, a dict with 'label', or pass TPSGDStrategy(labels=...)."
+        )
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"Labels of batch {step} must be a tensor of class indices, got {type(labels).__name__}.")
+    return labels

@@ -1,0 +1,339 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_tpsgd import LocalLearner, find_blocks
+from lightning_tpsgd.functional import tpsgd_l2
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.LeakyReLU(),
+        nn.Linear(32, 16),
+        nn.Tanh(),
+        nn.Dropout(0.0),
+        nn.Linear(16, 10),
+    )
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.LeakyReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.LeakyReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 10),
+    )
+
+
+def batch(n=8, shape=(1, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def sgd(lr=0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+# ---------------------------------------------------------------- block discovery
+def test_blocks_of_a_cnn():
+    blocks = find_blocks(cnn())
+    assert [b.name for b in blocks] == ["0", "4", "7"]
+    assert [b.is_output for b in blocks] == [False, False, True]
+    assert [n for n, _ in blocks[0].followers] == ["1", "2", "3"]
+    assert len(blocks[0].params) == 4  # conv weight/bias + batch-norm weight/bias
+
+
+@pytest.mark.parametrize(("target", "tap"), [("post", nn.LeakyReLU), ("pre", nn.BatchNorm2d)])
+def test_tap_is_after_or_before_the_activation(target, tap):
+    learner = LocalLearner(cnn(), target=target)
+    assert isinstance(learner.hidden[0].tap, tap)
+    learner.close()
+
+
+def test_nested_modules_and_frozen_layers_pass_through():
+    torch.manual_seed(0)
+    frozen = nn.Linear(64, 64).requires_grad_(False)
+    model = nn.Sequential(nn.Flatten(), frozen, nn.Sequential(nn.Linear(64, 8), nn.ReLU()), nn.Linear(8, 3))
+    blocks = find_blocks(model)
+    assert [b.name for b in blocks] == ["2.0", "3"]
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "match"),
+    [
+        (nn.Sequential(nn.LSTM(4, 4), nn.Linear(4, 2)), TypeError, "Use lightning_tpsgd.nn.RNN"),
+        (nn.Sequential(nn.Embedding(4, 4), nn.Linear(4, 2)), TypeError, r"'0' \(Embedding\) has trainable parameters"),
+        (nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)), ValueError, "comes before any trainable layer"),
+        (nn.Sequential(nn.ReLU()), ValueError, "no trainable layer"),
+    ],
+)
+def test_unsupported_models_are_rejected_by_name(model, error, match):
+    with pytest.raises(error, match=match):
+        find_blocks(model)
+
+
+def test_direct_parameters_are_rejected():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model.register_parameter("gain", nn.Parameter(torch.ones(1)))
+    with pytest.raises(TypeError, match="Parameter 'gain' is trainable but belongs to no supported layer"):
+        find_blocks(model)
+
+
+def test_norm_after_pooling_is_rejected():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(18, 2)
+    )
+    with pytest.raises(ValueError, match="Norm layer '3' in block '0' comes after"):
+        LocalLearner(model)
+
+
+def test_unknown_output_layer():
+    with pytest.raises(ValueError, match="output layer 'fc' is not a trainable layer"):
+        find_blocks(mlp(), output_layers=["fc"])
+
+
+# ---------------------------------------------------------------- locality
+def test_hidden_gradients_come_only_from_the_local_loss():
+    model = mlp()
+    learner = LocalLearner(model, rule="l2", optimizer=sgd())
+    x, y = batch()
+    block = learner.hidden[1]  # Linear(32, 16) -> Tanh
+    expected_input = model[2](model[1](model[0](x))).detach()
+    h = model[4](model[3](expected_input))
+    t = block.projection.P[y] if block.projection.is_built else None
+    learner.step(x, y)
+    t = block.projection.P[y]
+    expected = torch.autograd.grad(tpsgd_l2(h, t), list(model[3].parameters()))
+    # the step applied w -= lr * grad; recover the gradient from the parameter change
+    # (weights were cloned before the step by re-seeding the model)
+    before = mlp()[3]
+    for p_before, p_after, g in zip(before.parameters(), model[3].parameters(), expected, strict=True):
+        torch.testing.assert_close((p_before - p_after) / 0.1, g, atol=1e-6, rtol=1e-4)
+
+
+def test_scaling_the_model_loss_leaves_hidden_layers_bit_identical():
+    runs = []
+    for factor in (1.0, 1000.0):
+        model = cnn()
+        learner = LocalLearner(model, optimizer=sgd(0.05), loss_fn=lambda out, y, f=factor: f * F.cross_entropy(out, y))
+        for step in range(4):
+            learner.step(*batch(seed=step))
+        runs.append(model)
+    hidden = [n for n, _ in runs[0].named_parameters() if not n.startswith("7.")]
+    for name in hidden:
+        assert torch.equal(runs[0].get_parameter(name), runs[1].get_parameter(name)), name
+    assert not torch.equal(runs[0][7].weight, runs[1][7].weight)
+
+
+def test_no_graph_crosses_blocks():
+    model = cnn()
+    learner = LocalLearner(model)
+    x, y = batch()
+    with learner.local_training(y):
+        out = model(x)
+    # the only parameters reachable from the output are the output layer's
+    reachable = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None:
+            continue
+        if hasattr(fn, "variable"):
+            reachable.add(id(fn.variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    assert reachable == {id(p) for p in model[7].parameters()}
+
+
+def test_learns_digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.LeakyReLU(), nn.Linear(128, 10))
+    learner = LocalLearner(model, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    for _ in range(15):
+        for i in range(0, 1500, 50):
+            learner.step(x[i : i + 50], y[i : i + 50])
+    accuracy = (model(x[1500:]).argmax(1) == y[1500:]).float().mean().item()
+    assert accuracy > 0.85
+
+
+@pytest.mark.parametrize("rule", ["l1", "l2", "drtp", F.smooth_l1_loss])
+def test_every_rule_trains_every_block(rule):
+    model = cnn()
+    before = [p.clone() for p in model.parameters()]
+    learner = LocalLearner(model, rule=rule, optimizer=sgd())
+    logs = learner.step(*batch())
+    assert set(logs) == {"0", "4", "loss"}
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+    assert changed[0] and all(changed[2:])  # changed[1]: a conv bias before batch norm has zero gradient
+
+
+def test_per_layer_overrides():
+    learner = LocalLearner(mlp(), rule="l2", overrides={"3": {"rule": "drtp", "target": "pre"}})
+    assert learner.hidden[0].rule.name == "l2"
+    assert learner.hidden[1].rule.name == "drtp" and isinstance(learner.hidden[1].tap, nn.Linear)
+    with pytest.raises(ValueError, match="not hidden trainable layers"):
+        LocalLearner(mlp(), overrides={"6": {"rule": "l1"}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        LocalLearner(mlp(), overrides={"1": {"lr": 1.0}})
+
+
+def test_conv_projection_choice():
+    learner = LocalLearner(cnn(), conv_projection="naive", projection="binary")
+    learner.step(*batch())
+    assert learner.hidden[0].projection.name == "binary"
+    assert learner.hidden[0].projection.P.shape == (10, 4, 6, 6)
+
+
+def test_shared_layer_gradients_accumulate():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.act, self.out = shared, nn.Tanh(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.act(self.shared(self.act(self.shared(x)))))
+
+    learner = LocalLearner(Twice(), optimizer=sgd())
+    logs = learner.step(torch.rand(4, 8), torch.tensor([0, 1, 2, 0]))
+    assert "shared" in logs
+
+
+# ---------------------------------------------------------------- layer-wise schedule
+def test_layerwise_trains_one_block_at_a_time_and_skips_later_blocks():
+    model = cnn()
+    calls = []
+    model[7].register_forward_pre_hook(lambda m, i: calls.append("out"))
+    learner = LocalLearner(model, schedule="layerwise", epochs_per_layer=2, optimizer=sgd())
+    assert learner.num_stages == 3
+    assert [learner.stage_of_epoch(e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 2, 2]
+    snapshot = [p.clone() for p in model.parameters()]
+
+    learner.set_epoch(2)  # stage 1: block "4" only
+    logs = learner.step(*batch())
+    assert set(logs) == {"4"} and calls == []
+    changed = [not torch.equal(a, b) for a, b in zip(snapshot, model.parameters(), strict=True)]
+    assert changed == [False] * 4 + [True, True] + [False, False]
+
+    learner.set_epoch(5)  # output stage
+    logs = learner.step(*batch())
+    assert set(logs) == {"loss"} and calls == ["out"]
+
+
+def test_layerwise_needs_epochs_per_layer():
+    with pytest.raises(ValueError, match="needs epochs_per_layer"):
+        LocalLearner(mlp(), schedule="layerwise")
+    with pytest.raises(ValueError, match="3 positive ints"):
+        LocalLearner(mlp(), schedule="layerwise", epochs_per_layer=[1, 2])
+    with pytest.raises(ValueError, match="only applies to schedule='layerwise'"):
+        LocalLearner(mlp(), epochs_per_layer=2)
+
+
+# ---------------------------------------------------------------- state
+def test_state_dict_restores_projections_before_and_after_build():
+    learner = LocalLearner(cnn(), seed=3)
+    learner.step(*batch())
+    state = learner.state_dict()
+    assert set(state["projections"]) == {"0", "4"}
+
+    fresh = LocalLearner(cnn(), seed=3)  # unbuilt: projections wait for the first batch
+    fresh.load_state_dict(state)
+    fresh.step(*batch())
+    for name in ("0", "4"):
+        assert torch.equal(fresh.state_dict()["projections"][name], state["projections"][name])
+    with pytest.raises(ValueError, match="seed=3 but this learner has seed=4"):
+        LocalLearner(cnn(), seed=4).load_state_dict(state)
+
+
+def test_projections_are_seeded_and_independent_of_global_rng():
+    def projection(seed, global_seed):
+        torch.manual_seed(global_seed)
+        learner = LocalLearner(cnn(), seed=seed)
+        learner.step(*batch())
+        return learner.hidden[0].projection.P
+
+    assert torch.equal(projection(1, 0), projection(1, 99))
+    assert not torch.equal(projection(1, 0), projection(2, 0))
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("labels", "error", "match"),
+    [
+        (torch.rand(8), TypeError, "integer class indices"),
+        (torch.full((8,), 10), ValueError, r"Labels must lie in \[0, 10\)"),
+        (torch.zeros(8, 10, dtype=torch.long), ValueError, r"shape \(B,\)"),
+        ([1, 2], TypeError, "must be a tensor"),
+    ],
+)
+def test_bad_labels(labels, error, match):
+    learner = LocalLearner(mlp())
+    with pytest.raises(error, match=match):
+        learner.step(batch()[0], labels)
+
+
+def test_non_finite_local_loss_names_the_block():
+    learner = LocalLearner(mlp())
+    x, y = batch()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="Local loss of block '1' is nan"):
+        learner.step(x, y)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"schedule": "greedy"}, "Invalid schedule 'greedy'"),
+        ({"target": "mid"}, "Invalid target 'mid'"),
+        ({"projection": "filter"}, "Invalid projection 'filter'"),
+        ({"conv_projection": "fancy"}, "Invalid conv_projection 'fancy'"),
+        ({"target_scale": 0.0}, "target_scale of block '1' must be positive"),
+        ({"num_classes": 1}, "num_classes must be at least 2"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LocalLearner(mlp(), **kwargs)
+
+
+def test_skip_connection_across_blocks_is_detected():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)
+
+        def forward(self, x):
+            z = self.a(x)
+            return self.b(self.act(z)) + z  # z still carries block a's graph
+
+    learner = LocalLearner(Skip(), num_classes=4, optimizer=sgd())
+    with pytest.raises(RuntimeError, match="skip connection across blocks"):
+        learner.step(torch.rand(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_close_removes_hooks_and_unfreezes():
+    model = cnn()
+    learner = LocalLearner(model, schedule="layerwise", epochs_per_layer=1)
+    assert not model[7].weight.requires_grad
+    learner.close()
+    assert all(p.requires_grad for p in model.parameters())
+    x, y = batch()
+    with learner.local_training(y):
+        out = model(x)
+    out.sum().backward()
+    assert model[0].weight.grad is not None  # plain backpropagation again

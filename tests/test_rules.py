@@ -1,0 +1,62 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_tpsgd import functional as TF
+from lightning_tpsgd.rules import CallableRule, LocalRule, create_rule, list_rules
+
+FUNCTIONAL = {"l1": TF.tpsgd_l1, "l2": TF.tpsgd_l2, "drtp": TF.drtp}
+
+
+def test_registry_lists_the_paper_rules():
+    assert list_rules() == ["drtp", "l1", "l2"]
+    assert list_rules("l*") == ["l1", "l2"]
+
+
+@pytest.mark.parametrize("name", list_rules())
+def test_rule_class_matches_functional(name):
+    rule = create_rule(name)
+    h, t = torch.randn(3, 5), torch.randn(3, 5)
+    torch.testing.assert_close(rule.loss(h, t), FUNCTIONAL[name](h, t))
+    loss, grad = rule.loss_and_grad_(h, t.clone())
+    torch.testing.assert_close(loss, FUNCTIONAL[name](h, t))
+    assert rule.closed_form
+
+
+@pytest.mark.parametrize("name", list_rules())
+def test_table1_update_of_a_sigmoid_unit(name):
+    """One SGD step on w for y = sigmoid(x w) equals the update written in the paper's Table 1."""
+    x = torch.tensor([[0.5, -1.0]])
+    w = torch.tensor([[0.2], [0.4]], requires_grad=True)
+    t = torch.tensor([[0.9]])  # B_i y*
+    z = x @ w
+    y = torch.sigmoid(z)
+    (grad_w,) = torch.autograd.grad(create_rule(name).loss(y, t), w)
+    dsig = (y * (1 - y)).detach()
+    error = {"l2": 2 * (t - y.detach()), "l1": torch.sign(t - y.detach()), "drtp": t}[name]
+    expected_update = x.T @ (error * dsig)  # Table 1: w + eta * e ⊙ sigma'(z) x, constants folded into eta
+    torch.testing.assert_close(-grad_w, expected_update)
+
+
+def test_callable_rule_wraps_any_loss():
+    rule = create_rule(F.smooth_l1_loss)
+    assert isinstance(rule, CallableRule) and not rule.closed_form
+    h, t = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(rule.loss(h, t), F.smooth_l1_loss(h, t))
+    with pytest.raises(NotImplementedError, match="closed-form"):
+        rule.loss_and_grad_(h, t)
+
+
+def test_rule_instances_pass_through():
+    rule = create_rule("l2")
+    assert create_rule(rule) is rule
+    assert isinstance(rule, LocalRule)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [("l3", ValueError, "Unknown rule 'l3'. Valid names: drtp, l1, l2"), (3, TypeError, "rule must be a name")],
+)
+def test_bad_rules(spec, error, match):
+    with pytest.raises(error, match=match):
+        create_rule(spec)

@@ -1,0 +1,167 @@
+"""``ImageClassifier``: an ordinary LightningModule around any zoo model.
+
+Nothing in it is tpSGD-specific. Under Lightning's default strategy it is the backpropagation (BP) baseline
+of the paper's tables; under the tpSGD strategy the same module is trained with local rules instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo._registry import create_model
+
+__all__ = ["ImageClassifier"]
+
+
+def _adam(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float, momentum: float):
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def _adamw(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float, momentum: float):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _sgd(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float, momentum: float):
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+
+
+def _cosine(optimizer: torch.optim.Optimizer, *, max_epochs: int):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+
+
+_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adam": _adam, "adamw": _adamw, "sgd": _sgd}
+_SCHEDULERS: dict[str, Callable[..., torch.optim.lr_scheduler.LRScheduler]] = {"cosine": _cosine}
+
+_STAGES = ("train", "val", "test")
+
+
+class ImageClassifier(L.LightningModule):
+    """Classify images (or feature vectors) with a registered zoo model and cross-entropy loss.
+
+    The network is ``self.net = create_model(model, num_classes=num_classes, **model_kwargs)`` and is
+    registered before anything else, so its layers come first in ``self.modules()``. Each stage logs
+    ``{stage}_loss`` and ``{stage}_acc`` (micro-averaged ``MulticlassAccuracy``, i.e. plain accuracy) for
+    ``stage`` in ``train``, ``val`` and ``test``; ``train_acc`` is logged per epoch.
+
+    Args:
+        model: Name of a registered zoo model; see ``zoo.list_models()``.
+        num_classes: Number of classes C.
+        model_kwargs: Extra keyword arguments for the model entrypoint, e.g. ``{"in_chans": 3,
+            "input_size": 32}``. Entries set to ``None`` use the entrypoint's default.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; one optimizer over all parameters.
+        lr: Learning rate.
+        weight_decay: Weight decay (L2 penalty for ``adam``/``sgd``, decoupled for ``adamw``).
+        momentum: Momentum for ``sgd`` (unused by ``adam`` and ``adamw``).
+        scheduler: ``None`` for a constant learning rate, or ``"cosine"`` to anneal it to zero over
+            ``trainer.max_epochs`` epochs (stepped once per epoch).
+
+    Raises:
+        ValueError: For an unknown ``model``, ``optimizer`` or ``scheduler`` name (the message lists the valid
+            names), a negative ``lr``, ``weight_decay`` or ``momentum``, or ``num_classes`` inside
+            ``model_kwargs``.
+
+    Shape:
+        - x: the model's input, e.g. (B, in_chans, H, W) for ``cnn2``
+        - y: (B,) integer class labels in ``[0, C)``
+        - forward output: (B, C) logits
+
+    Example:
+        >>> import lightning as L
+        >>> module = ImageClassifier("cnn2", num_classes=10, model_kwargs={"in_chans": 1, "input_size": 28})
+        >>> trainer = L.Trainer(max_epochs=1)  # doctest: +SKIP
+        >>> trainer.fit(module, datamodule=...)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str = "cnn2",
+        num_classes: int = 10,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {optimizer!r}. Valid names: {', '.join(sorted(_OPTIMIZERS))}.")
+        if scheduler is not None and scheduler not in _SCHEDULERS:
+            raise ValueError(
+                f"Unknown scheduler {scheduler!r}. Valid names: {', '.join(sorted(_SCHEDULERS))}, "
+                "or None for a constant learning rate."
+            )
+        for name, value in (("learning rate", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
+            if value < 0:
+                raise ValueError(f"Invalid {name}: {value}. It must be >= 0.")
+        model_kwargs = dict(model_kwargs or {})
+        if "num_classes" in model_kwargs:
+            raise ValueError(
+                f"model_kwargs contains num_classes={model_kwargs['num_classes']!r}. "
+                "Pass it as ImageClassifier(num_classes=...) instead, so the metrics use the same value."
+            )
+        self.save_hyperparameters()
+        # The network is registered first: block discovery walks leaf modules in registration order.
+        self.net = create_model(model, num_classes=num_classes, **model_kwargs)
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the logits of ``self.net``.
+
+        Shape:
+            - x: the model's input, e.g. (B, in_chans, H, W)
+            - returns: (B, C)
+        """
+        return self.net(x)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
+        accuracy.update(logits, y)
+        self.log(f"{stage}_loss", loss)
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Return the mean cross-entropy of the batch ``(x, y)``; log ``train_loss`` and ``train_acc``."""
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Log ``val_loss`` and ``val_acc`` for the batch ``(x, y)``."""
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Log ``test_loss`` and ``test_acc`` for the batch ``(x, y)``."""
+        return self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        """Build one optimizer over ``self.parameters()`` and, if ``scheduler`` is set, its LR scheduler.
+
+        Raises:
+            ValueError: If ``scheduler="cosine"`` but ``trainer.max_epochs`` is not a positive number.
+        """
+        hp = self.hparams
+        optimizer = _OPTIMIZERS[hp.optimizer](
+            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
+        )
+        if hp.scheduler is None:
+            return optimizer
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError(
+                f"scheduler={hp.scheduler!r} anneals over trainer.max_epochs, which is {max_epochs}. "
+                "Set Trainer(max_epochs=N) (--trainer.max_epochs N), or use scheduler=None."
+            )
+        scheduler = _SCHEDULERS[hp.scheduler](optimizer, max_epochs=max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
