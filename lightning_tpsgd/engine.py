@@ -394,30 +394,39 @@ class LocalLearner:
                         f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
                         "training needs grad mode for the block's own graph."
                     )
-                self._local_update(block, h)
+                self._local_update(block, h, inputs[0] if inputs else None)
             if self._stop_after(block):
                 raise StopForward
             return h.detach()
 
         return hook
 
-    def _local_update(self, block: Block, h: Tensor) -> None:
-        """Projection → local loss → gradient of the block's parameters; the block's graph is freed here."""
+    def _local_update(self, block: Block, h: Tensor, z: Tensor | None = None) -> None:
+        """Projection → local loss → gradient of the block's parameters; the block's graph is freed here.
+
+        ``z`` is the tap's input: when the tap is a (leaky) ReLU, its derivative is applied to the loss
+        gradient in place, so the step holds one output-sized buffer beyond the block's own tensors.
+        """
         assert self._labels is not None and block.rule is not None and block.projection is not None
         if not block.projection.is_built:
             self._build_projection(block.name, block.projection, tuple(h.shape[1:]), h.device, block.params[0].dtype)
-        t = block.projection(self._labels)  # (B, *S): onehot(y) @ P as a row gather
-        if self.validate and t.shape != h.shape:
+        P = block.projection.P
+        assert P is not None
+        if P.device != h.device:  # the model moved after the projection was built
+            P = block.projection.P = P.to(h.device)
+        if self.validate and tuple(P.shape[1:]) != tuple(h.shape[1:]):
             raise ValueError(
-                f"Block '{block.name}' produced an output of shape {tuple(h.shape)} but its projection gives "
-                f"targets of shape {tuple(t.shape)}. Its output shape must not change between batches "
+                f"Block '{block.name}' produced an output of shape {tuple(h.shape)} but its projection expects "
+                f"(B, {', '.join(map(str, P.shape[1:]))}). A block's output shape must not change between batches "
                 "(except the batch size)."
             )
-        if block.rule.closed_form:
-            loss, grad_h = block.rule.loss_and_grad_(h.detach(), t.to(h.dtype))
+        if block.rule.closed_form:  # no autograd graph for the loss: one output-sized buffer
+            loss, grad_h = block.rule.projected_loss_and_grad(h.detach(), self._labels, P)
+            if z is not None and z.requires_grad and _relu_backward_(grad_h, z, block.tap):
+                h = z  # grad_h is now the gradient with respect to the activation's input
             grads = torch.autograd.grad(h, block.params, grad_h, allow_unused=True)
         else:
-            loss = block.rule.loss(h, t.to(h.dtype))
+            loss = block.rule.projected_loss(h, self._labels, P)
             grads = torch.autograd.grad(loss, block.params, allow_unused=True)
             loss = loss.detach()
         self._record(block, grads, loss)
@@ -609,6 +618,22 @@ class LocalLearner:
             if self.optimizer is None:
                 self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _relu_backward_(grad: Tensor, z: Tensor, activation: nn.Module | None) -> bool:
+    """``grad *= act'(z)`` in place for ReLU / LeakyReLU, in batch chunks; False for other modules."""
+    if getattr(activation, "inplace", False):  # z was overwritten and now carries the activation's graph
+        return False
+    if isinstance(activation, nn.LeakyReLU):
+        slope = float(activation.negative_slope)
+    elif isinstance(activation, nn.ReLU):
+        slope = 0.0
+    else:
+        return False
+    with torch.no_grad():
+        for g, zc in zip(grad.split(max(1, grad.shape[0] // 8)), z.split(max(1, grad.shape[0] // 8)), strict=True):
+            g.mul_(torch.where(zc > 0, 1.0, slope).to(g.dtype))
+    return True
 
 
 @contextmanager

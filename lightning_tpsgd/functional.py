@@ -27,6 +27,8 @@ __all__ = [
     "tpsgd_l2_grad_",
     "drtp",
     "drtp_grad_",
+    "tpsgd_ce",
+    "tpsgd_ce_grad",
 ]
 
 
@@ -115,3 +117,51 @@ def drtp_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     n = h.numel()
     loss = -_dot(h, t) / n
     return loss, t.mul_(-1.0 / n)
+
+
+def _cosine_logits(h: Tensor, y_P: Tensor, kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``kappa * cos(h_b, P_c)`` for every sample and class, with the norms used."""
+    hf = h.reshape(h.shape[0], -1)
+    Pf = y_P.reshape(y_P.shape[0], -1)
+    h_norm = torch.linalg.vector_norm(hf, dim=1).clamp_min(1e-12)  # (B,)
+    P_norm = torch.linalg.vector_norm(Pf, dim=1).clamp_min(1e-12)  # (C,)
+    logits = (hf @ Pf.T).div_(h_norm[:, None]).div_(P_norm[None, :]).mul_(kappa)  # (B, C)
+    return logits, h_norm, P_norm
+
+
+def tpsgd_ce(h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0) -> Tensor:
+    r"""tpSGD-CE: cross-entropy of the block output's cosine similarity to every class target.
+
+    .. math:: J = \operatorname{CE}\big(\kappa \cos(h, P_c)_{c=1..C},\ y\big),
+       \quad P_c = \operatorname{onehot}(c)\, P
+
+    Shape:
+        - h: (B, *S); y: (B,) integer labels; P: (C, *S)
+        - returns: scalar (mean over the batch)
+    """
+    logits, _, _ = _cosine_logits(h, P, kappa)
+    return torch.nn.functional.cross_entropy(logits, y)
+
+
+def tpsgd_ce_grad(h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0) -> tuple[Tensor, Tensor]:
+    r"""Loss and :math:`\partial J / \partial h` of :func:`tpsgd_ce` in closed form.
+
+    With :math:`G_b = \frac{1}{B} \sum_c (p_{bc} - y^*_{bc}) P_c / \lVert P_c \rVert`, the gradient is
+    :math:`\frac{\kappa}{\lVert h_b \rVert} (G_b - \frac{G_b \cdot h_b}{\lVert h_b \rVert^2} h_b)`: it is
+    orthogonal to ``h`` (the loss ignores the output's magnitude) and costs one output-sized buffer.
+
+    Returns:
+        ``(loss, grad)``; ``grad`` has the shape of ``h``.
+    """
+    B = h.shape[0]
+    logits, h_norm, P_norm = _cosine_logits(h, P, kappa)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    err = logits.softmax(dim=1)
+    err[torch.arange(B, device=err.device), y] -= 1.0  # p - onehot(y)
+    err.div_(P_norm[None, :] * B)
+    hf = h.reshape(B, -1)
+    G = err @ P.reshape(P.shape[0], -1)  # (B, F)
+    coef = torch.linalg.vecdot(G, hf, dim=1)  # (B,)
+    G.addcmul_(hf, (coef / h_norm.square())[:, None], value=-1.0)
+    G.mul_((kappa / h_norm)[:, None])
+    return loss, G.reshape(h.shape)

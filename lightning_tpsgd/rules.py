@@ -14,7 +14,17 @@ from torch import Tensor
 from . import functional as TF
 from ._registry import Registry
 
-__all__ = ["LocalRule", "TPSGDL1", "TPSGDL2", "DRTP", "CallableRule", "create_rule", "list_rules", "register_rule"]
+__all__ = [
+    "LocalRule",
+    "TPSGDL1",
+    "TPSGDL2",
+    "TPSGDCE",
+    "DRTP",
+    "CallableRule",
+    "create_rule",
+    "list_rules",
+    "register_rule",
+]
 
 _RULES: Registry[LocalRule] = Registry("rule")
 register_rule = _RULES.register
@@ -38,6 +48,18 @@ class LocalRule:
     def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(loss, dloss/dh)``; may overwrite ``t`` with the gradient."""
         raise NotImplementedError(f"Rule {self.name!r} has no closed-form gradient; the engine uses autograd.")
+
+    def projected_loss(self, h: Tensor, y: Tensor, P: Tensor) -> Tensor:
+        """The loss given labels and the projection, ``loss(h, onehot(y) @ P)`` unless overridden.
+
+        Shape:
+            - h: (B, *S); y: (B,) integer labels; P: (C, *S)
+        """
+        return self.loss(h, TF.project_targets(y, P).to(h.dtype))
+
+    def projected_loss_and_grad(self, h: Tensor, y: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
+        """Closed-form ``(loss, dloss/dh)`` from labels and projection (what the engine calls)."""
+        return self.loss_and_grad_(h, TF.project_targets(y, P).to(h.dtype))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -87,6 +109,47 @@ class DRTP(LocalRule):
 
     def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return TF.drtp_grad_(h, t)
+
+
+@register_rule("ce")
+class TPSGDCE(LocalRule):
+    r"""tpSGD-CE: softmax cross-entropy of the block output's cosine similarity to each class target.
+
+    .. math:: J_i = \operatorname{CE}\big(\kappa \cos(h_i, \operatorname{onehot}(c) B_i)_{c=1..C},\ y^*\big)
+
+    An instance of tpSGD's "any loss" (paper §2.3): the target of class ``c`` is ``onehot(c) @ P``, as for
+    ℓ1/ℓ2, but the block output only has to point towards its own class target rather than equal it.
+
+    .. note:: Not in the paper. ℓ2 pulls every output onto one point per class and suppresses all
+       other variance (features collapse to C directions); this loss is scale-free and only separates the
+       classes, which keeps hidden features rich. It is the library's recommended rule (see the README
+       results); ``target_scale`` has no effect on it.
+
+    Args:
+        kappa: inverse temperature of the softmax over cosine similarities (the largest logit margin).
+    """
+
+    closed_form = True
+
+    def __init__(self, kappa: float = 10.0) -> None:
+        if not kappa > 0:
+            raise ValueError(f"kappa must be positive, got {kappa}.")
+        self.kappa = float(kappa)
+
+    def loss(self, h: Tensor, t: Tensor) -> Tensor:
+        raise TypeError(
+            "Rule 'ce' compares the output with every class target, so it needs the labels and the projection: "
+            "call projected_loss(h, y, P)."
+        )
+
+    def projected_loss(self, h: Tensor, y: Tensor, P: Tensor) -> Tensor:
+        return TF.tpsgd_ce(h, y, P.to(h.dtype), kappa=self.kappa)
+
+    def projected_loss_and_grad(self, h: Tensor, y: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
+        return TF.tpsgd_ce_grad(h, y, P.to(h.dtype), kappa=self.kappa)
+
+    def __repr__(self) -> str:
+        return f"TPSGDCE(kappa={self.kappa})"
 
 
 class CallableRule(LocalRule):

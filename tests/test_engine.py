@@ -169,7 +169,7 @@ def test_learns_digits():
     assert accuracy > 0.85
 
 
-@pytest.mark.parametrize("rule", ["l1", "l2", "drtp", F.smooth_l1_loss])
+@pytest.mark.parametrize("rule", ["l1", "l2", "drtp", "ce", F.smooth_l1_loss])
 def test_every_rule_trains_every_block(rule):
     model = cnn()
     before = [p.clone() for p in model.parameters()]
@@ -337,3 +337,22 @@ def test_close_removes_hooks_and_unfreezes():
         out = model(x)
     out.sum().backward()
     assert model[0].weight.grad is not None  # plain backpropagation again
+
+
+@pytest.mark.parametrize(
+    "activation", [nn.LeakyReLU(0.1), nn.ReLU(), nn.LeakyReLU(0.1, inplace=True), nn.Tanh()], ids=repr
+)
+@pytest.mark.parametrize("rule", ["l2", "ce"])
+def test_local_gradients_equal_autograd_of_the_local_loss(activation, rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), activation, nn.Flatten(), nn.Linear(3 * 6 * 6, 10))
+    learner = LocalLearner(model, rule=rule)
+    x, y = batch()
+    with learner.local_training(y):
+        model(x)
+    got = learner._pending[0]
+    P = learner.hidden[0].projection.P
+    h = model[1](model[0](x))
+    expected = torch.autograd.grad(learner.hidden[0].rule.projected_loss(h, y, P), list(model[0].parameters()))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)

@@ -30,3 +30,25 @@ def test_project_targets_is_onehot_matmul():
     y = torch.tensor([4, 0, 2, 2])
     expected = (TF.one_hot(y, 5) @ P.reshape(5, -1)).reshape(4, 3, 4)
     torch.testing.assert_close(TF.project_targets(y, P), expected)
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (4, 3, 4, 4)])
+def test_ce_closed_form_gradient_matches_autograd(shape):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    P = torch.randn((3, *shape[1:]), generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2, 0][: shape[0]])
+    expected_loss = TF.tpsgd_ce(h, y, P, kappa=7.0)
+    (expected_grad,) = torch.autograd.grad(expected_loss, h)
+    loss, grad = TF.tpsgd_ce_grad(h.detach(), y, P, kappa=7.0)
+    torch.testing.assert_close(loss, expected_loss.detach())
+    torch.testing.assert_close(grad, expected_grad)
+    # scale-free: the gradient is orthogonal to each output
+    torch.testing.assert_close((grad * h.detach()).flatten(1).sum(1), torch.zeros(shape[0], dtype=torch.float64))
+
+
+def test_ce_is_small_when_outputs_point_to_their_class_target():
+    P = torch.eye(3, 8)
+    y = torch.tensor([0, 1, 2])
+    assert TF.tpsgd_ce(5 * P[y], y, P, kappa=20.0) < 1e-6
+    assert TF.tpsgd_ce(5 * P[(y + 1) % 3], y, P, kappa=20.0) > 10

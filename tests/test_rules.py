@@ -3,27 +3,37 @@ import torch
 import torch.nn.functional as F
 
 from lightning_tpsgd import functional as TF
-from lightning_tpsgd.rules import CallableRule, LocalRule, create_rule, list_rules
+from lightning_tpsgd.rules import TPSGDCE, CallableRule, LocalRule, create_rule, list_rules
 
 FUNCTIONAL = {"l1": TF.tpsgd_l1, "l2": TF.tpsgd_l2, "drtp": TF.drtp}
 
 
-def test_registry_lists_the_paper_rules():
-    assert list_rules() == ["drtp", "l1", "l2"]
+def test_registry_lists_the_rules():
+    assert list_rules() == ["ce", "drtp", "l1", "l2"]
     assert list_rules("l*") == ["l1", "l2"]
 
 
 @pytest.mark.parametrize("name", list_rules())
 def test_rule_class_matches_functional(name):
     rule = create_rule(name)
-    h, t = torch.randn(3, 5), torch.randn(3, 5)
-    torch.testing.assert_close(rule.loss(h, t), FUNCTIONAL[name](h, t))
-    loss, grad = rule.loss_and_grad_(h, t.clone())
-    torch.testing.assert_close(loss, FUNCTIONAL[name](h, t))
-    assert rule.closed_form
+    h, y, P = torch.randn(3, 5), torch.tensor([0, 3, 3]), torch.randn(4, 5)
+    expected = TF.tpsgd_ce(h, y, P) if name == "ce" else FUNCTIONAL[name](h, P[y])
+    torch.testing.assert_close(rule.projected_loss(h, y, P), expected)
+    loss, grad = rule.projected_loss_and_grad(h, y, P)
+    torch.testing.assert_close(loss, expected)
+    assert grad.shape == h.shape and rule.closed_form
+    if name != "ce":
+        torch.testing.assert_close(rule.loss(h, P[y]), expected)
 
 
-@pytest.mark.parametrize("name", list_rules())
+def test_ce_rule_needs_all_class_targets():
+    with pytest.raises(TypeError, match="needs the labels and the projection"):
+        create_rule("ce").loss(torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="kappa must be positive"):
+        TPSGDCE(kappa=0)
+
+
+@pytest.mark.parametrize("name", ["l1", "l2", "drtp"])
 def test_table1_update_of_a_sigmoid_unit(name):
     """One SGD step on w for y = sigmoid(x w) equals the update written in the paper's Table 1."""
     x = torch.tensor([[0.5, -1.0]])
@@ -55,7 +65,7 @@ def test_rule_instances_pass_through():
 
 @pytest.mark.parametrize(
     ("spec", "error", "match"),
-    [("l3", ValueError, "Unknown rule 'l3'. Valid names: drtp, l1, l2"), (3, TypeError, "rule must be a name")],
+    [("l3", ValueError, "Unknown rule 'l3'. Valid names: ce, drtp, l1, l2"), (3, TypeError, "rule must be a name")],
 )
 def test_bad_rules(spec, error, match):
     with pytest.raises(error, match=match):

@@ -4,26 +4,40 @@ Models are looked up by architecture name through a timm-style registry::
 
     >>> import zoo
     >>> zoo.list_models()
-    ['cnn2', 'convgrid', 'convnet4', 'mlp', 'mlp2', 'vgg11']
+    ['birnn1', 'cnn2', 'convgrid', 'convnet4', 'mlp', 'mlp2', 'rnn1', 'rnn2', 'vgg11']
     >>> net = zoo.create_model("cnn2", num_classes=10, in_chans=1, input_size=28)
 
-Importing ``zoo`` registers every model in :mod:`zoo.paper`.
+Importing ``zoo`` registers every model in :mod:`zoo.paper` and :mod:`zoo.rnn`. :class:`TimmAdaptor` trains
+tpSGD adaptors on a frozen timm backbone (:mod:`zoo.adaptor`); :func:`export_onnx` exports it.
 """
 
 from zoo._registry import create_model, is_model, list_models, register_model
-from zoo.classifier import ImageClassifier
+from zoo.adaptor import FeatureCache, TimmAdaptor, backbone_data_config, backbone_transform
+from zoo.classifier import ImageClassifier, SequenceClassifier
+from zoo.export import export_onnx
 from zoo.paper import cnn2, convgrid, convnet4, mlp, mlp2, vgg11
+from zoo.rnn import LastHidden, birnn1, rnn1, rnn2
 
 __all__ = [
+    "FeatureCache",
     "ImageClassifier",
+    "LastHidden",
+    "SequenceClassifier",
+    "TimmAdaptor",
+    "backbone_data_config",
+    "backbone_transform",
+    "birnn1",
     "cnn2",
     "convgrid",
     "convnet4",
     "create_model",
+    "export_onnx",
     "is_model",
     "list_models",
     "mlp",
     "mlp2",
     "register_model",
+    "rnn1",
+    "rnn2",
     "vgg11",
 ]

@@ -1,4 +1,4 @@
-"""``ImageClassifier``: an ordinary LightningModule around any zoo model.
+"""``ImageClassifier`` and ``SequenceClassifier``: ordinary LightningModules around any zoo model.
 
 Nothing in it is tpSGD-specific. Under Lightning's default strategy it is the backpropagation (BP) baseline
 of the paper's tables; under the tpSGD strategy the same module is trained with local rules instead.
@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo._registry import create_model
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "SequenceClassifier"]
 
 
 def _adam(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float, momentum: float):
@@ -165,3 +165,53 @@ class ImageClassifier(L.LightningModule):
             )
         scheduler = _SCHEDULERS[hp.scheduler](optimizer, max_epochs=max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+class SequenceClassifier(ImageClassifier):
+    """Classify sequences with a registered recurrent zoo model (``rnn1``, ``rnn2``, ``birnn1``).
+
+    The same LightningModule as :class:`ImageClassifier` (batches ``(x, y)``, cross-entropy, the same
+    metrics and optimizers), with a recurrent default model. Under Lightning's default strategy the
+    recurrent layer is trained by backpropagation through time (the BP column of the paper's Tables 5, 7
+    and 8). Under ``Trainer(strategy="tpsgd")`` it is trained by its local rule
+    (:class:`lightning_tpsgd.nn.RNN`) and the classifier's output layer by this module's loss.
+
+    Args:
+        model: Name of a registered zoo model; see ``zoo.list_models()``.
+        num_classes: Number of classes C.
+        model_kwargs: Extra keyword arguments for the model entrypoint, e.g. ``{"input_size": 28,
+            "hidden_size": 512}``. Entries set to ``None`` use the entrypoint's default.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; one optimizer over all parameters.
+        lr: Learning rate.
+        weight_decay: Weight decay (L2 penalty for ``adam``/``sgd``, decoupled for ``adamw``).
+        momentum: Momentum for ``sgd`` (unused by ``adam`` and ``adamw``).
+        scheduler: ``None`` for a constant learning rate, or ``"cosine"`` to anneal it to zero over
+            ``trainer.max_epochs`` epochs (stepped once per epoch).
+
+    Shape:
+        - x: (B, T, F) batch-first sequences
+        - y: (B,) integer class labels in ``[0, C)``
+        - forward output: (B, C) logits
+    """
+
+    def __init__(
+        self,
+        model: str = "rnn1",
+        num_classes: int = 10,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str | None = None,
+    ) -> None:
+        super().__init__(
+            model=model,
+            num_classes=num_classes,
+            model_kwargs=model_kwargs,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            scheduler=scheduler,
+        )

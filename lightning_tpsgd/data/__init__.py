@@ -4,6 +4,8 @@
 - :class:`MNISTDataModule`, :class:`CIFAR10DataModule`: read from a ``.npz`` file, a torchvision root
   or Hugging Face ``datasets`` (``source="auto"`` picks the first available), decoded once and kept in
   memory as normalized float tensors.
+- :class:`ImagenetteDataModule`: Imagenette for the adaptor experiments, from the offline JPEG ``.npz`` or
+  Hugging Face, normalized with the backbone's mean/std.
 
 ``data_dir=None`` falls back to the ``TPSGD_DATA_DIR`` environment variable (see :func:`resolve_data_dir`).
 """
@@ -17,6 +19,7 @@ from lightning_tpsgd.data._common import (
     resolve_data_dir,
 )
 from lightning_tpsgd.data.digits import DigitsDataModule
+from lightning_tpsgd.data.imagenette import ImagenetteDataModule
 from lightning_tpsgd.data.vision import VALID_SOURCES, CIFAR10DataModule, MNISTDataModule
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "CIFAR10DataModule",
     "DatasetUnavailableError",
     "DigitsDataModule",
+    "ImagenetteDataModule",
     "MNISTDataModule",
     "load_npz_arrays",
     "resolve_cache_dir",

@@ -1,0 +1,394 @@
+"""Core numbers: accuracy (MNIST MLP / CNN, CIFAR-10 CNN), training throughput and peak memory vs BP.
+
+Usage::
+
+    python -m benchmarks.core --data-dir ../shared/data --seeds 3                # everything
+    python -m benchmarks.core --data-dir ../shared/data --parts speed memory     # no training runs
+    python -m benchmarks.core --quick                                             # minutes, small subsets
+
+Writes ``benchmarks/results/core.md`` (+ ``core.png`` and ``core.json``). Accuracy runs use the public
+Lightning API exactly as a user would (``ImageClassifier`` + a DataModule + ``Trainer(strategy=...)``);
+throughput and memory use ``LocalLearner.step`` against a plain backpropagation step on the same model,
+in the same process (throughput) or in fresh processes of the same script (peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER = {  # paper Tables 2 and 3 (test accuracy, %)
+    ("mnist", "mlp2"): {"tpsgd": 88.3},
+    ("mnist", "cnn2"): {"tpsgd": 96.6, "bp": 97.1},
+    ("cifar10", "cnn2"): {"tpsgd": 46.5, "bp": 46.8},
+}
+TARGETS = {("mnist", "mlp2"): 96.5, ("mnist", "cnn2"): 98.0, ("cifar10", "cnn2"): 55.0}
+
+# dataset, model, model kwargs, epochs, learning rate
+EXPERIMENTS: list[tuple[str, str, dict[str, Any], int, float]] = [
+    ("mnist", "mlp2", {"hidden": 1024}, 10, 1e-3),
+    ("mnist", "cnn2", {"in_chans": 1, "input_size": 28}, 5, 1e-3),
+    ("cifar10", "cnn2", {"in_chans": 3, "input_size": 32}, 10, 1e-3),
+]
+# method name -> (strategy factory, freeze hidden layers)
+METHODS = ("tpsgd-ce", "tpsgd-l2", "control", "bp")
+
+
+# ---------------------------------------------------------------------------------------------------- accuracy
+def _strategy(method: str) -> Any:
+    from lightning_tpsgd import TPSGDStrategy
+
+    if method.startswith("tpsgd-"):
+        rule = method.split("-", 1)[1]
+        # l2 needs large targets on conv nets (see README, "target scale"); ce ignores target_scale
+        return TPSGDStrategy(rule=rule, target_scale=30.0 if rule == "l2" else 1.0)
+    return "auto"
+
+
+def run_accuracy(
+    dataset: str, model: str, kwargs: dict, epochs: int, lr: float, method: str, seed: int, data_dir: str, quick: bool
+) -> dict[str, float]:
+    import lightning as L
+
+    from lightning_tpsgd.data import CIFAR10DataModule, MNISTDataModule
+    from zoo import ImageClassifier
+
+    L.seed_everything(seed, verbose=False)
+    subset = dict(train_subset=5000, test_subset=2000) if quick else {}
+    dm_cls = MNISTDataModule if dataset == "mnist" else CIFAR10DataModule
+    dm_kwargs: dict[str, Any] = dict(source="npz", data_dir=data_dir, batch_size=128, val_size=5000, seed=seed)
+    if dataset == "mnist":
+        dm_kwargs["flatten"] = model.startswith("mlp")
+    dm = dm_cls(**dm_kwargs, **subset)
+    module = ImageClassifier(model=model, num_classes=10, model_kwargs=kwargs, lr=lr)
+    if method == "control":  # hidden layers frozen at their random init, last layer trained
+        layers = [m for m in module.net if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for layer in layers[:-1]:
+            layer.requires_grad_(False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1 if quick else epochs,
+        strategy=_strategy(method),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - start
+    test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    return {"acc": 100 * test["test_acc"], "fit_s": fit_s, "epochs": trainer.current_epoch}
+
+
+def accuracy_part(args: argparse.Namespace, store: dict) -> None:
+    results = store.setdefault("accuracy", {})
+    for dataset, model, kwargs, epochs, lr in EXPERIMENTS:
+        for method in METHODS:
+            for seed in range(args.seeds):
+                key = f"{dataset}/{model}/{method}/{seed}" + ("/quick" if args.quick else "")
+                if key in results:
+                    continue
+                out = run_accuracy(dataset, model, kwargs, epochs, lr, method, seed, args.data_dir, args.quick)
+                results[key] = out
+                print(f"{key}: {out['acc']:.2f}% in {out['fit_s']:.0f}s", flush=True)
+                _save(store)
+
+
+# ---------------------------------------------------------------------------------------------------- speed
+def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    from zoo import create_model
+
+    return {
+        "convnet4": (
+            lambda: create_model("convnet4", num_classes=10, in_chans=3, input_size=64, channels=32),
+            (3, 64, 64),
+        ),
+        "cnn2": (lambda: create_model("cnn2", num_classes=10, in_chans=1, input_size=28), (1, 28, 28)),
+        "mlp2": (lambda: create_model("mlp2", num_classes=10, hidden=1024), (784,)),
+    }
+
+
+def _bp_step(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _tpsgd_step(model: nn.Module, rule: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    from lightning_tpsgd import LocalLearner
+
+    learner = LocalLearner(model, rule=rule, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    return learner.step
+
+
+def _make_step(method: str, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    return _bp_step(model) if method == "bp" else _tpsgd_step(model, method.split("-", 1)[1])
+
+
+def speed_part(args: argparse.Namespace, store: dict) -> None:
+    results = store.setdefault("speed", {})
+    batch, rounds, steps = 128, (2 if args.quick else 5), (2 if args.quick else 4)
+    for name, (factory, shape) in _models().items():
+        torch.manual_seed(0)
+        x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+        runners = {m: _make_step(m, factory()) for m in ("bp", "tpsgd-ce", "tpsgd-l2")}
+        for run in runners.values():  # warm-up (projections, allocator, Adam state)
+            run(x, y)
+        times: dict[str, list[float]] = {m: [] for m in runners}
+        for _ in range(rounds):  # interleaved, so drifts in machine load hit every method alike
+            for method, run in runners.items():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    run(x, y)
+                times[method].append(steps * batch / (time.perf_counter() - start))
+        bp = statistics.median(times["bp"])
+        for method, samples in times.items():
+            results[f"{name}/{method}"] = {
+                "samples_per_s": statistics.median(samples),
+                "ratio": statistics.median(samples) / bp,
+            }
+        print(
+            name, {m: round(r["ratio"], 3) for k, r in results.items() if k.startswith(name) for m in [k]}, flush=True
+        )
+        _save(store)
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status (this benchmark needs Linux).")
+
+
+class _SavedTensorMeter:
+    """Bytes of tensors held by autograd for backward (``saved_tensors_hooks``), current and peak."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+        self.refs: dict[int, int] = {}
+        self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> Any:
+        key = t.untyped_storage().data_ptr()
+        self.refs[key] = self.refs.get(key, 0) + 1
+        self.live[key] = t.untyped_storage().nbytes()
+        self.peak = max(self.peak, sum(self.live.values()))
+        return _Handle(self, key, t)
+
+    def release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key], self.live[key]
+
+
+class _Handle:
+    def __init__(self, meter: _SavedTensorMeter, key: int, t: torch.Tensor) -> None:
+        self.meter, self.key, self.t = meter, key, t
+
+    def __del__(self) -> None:
+        self.meter.release(self.key)
+
+
+def memory_child(method: str, model_name: str, steps: int) -> None:
+    """Runs in a fresh process: prints extra peak RSS and peak autograd-held bytes of ``steps`` steps."""
+    torch.set_num_threads(2)
+    factory, shape = _models()[model_name]
+    torch.manual_seed(0)
+    model = factory()
+    x, y = torch.randn(128, *shape), torch.randint(0, 10, (128,))
+    run = _make_step(method, model)
+    run(x, y)  # warm-up: optimizer state, projections, thread pools and kernel caches exist afterwards
+    gc.collect()
+    base = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    meter = _SavedTensorMeter()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: h.t):
+        for _ in range(steps):
+            run(x, y)
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"extra_peak_rss": peak - base, "autograd_peak": meter.peak}))
+
+
+def memory_part(args: argparse.Namespace, store: dict) -> None:
+    results = store.setdefault("memory", {})
+    for model_name in ("convnet4", "cnn2", "mlp2"):
+        for method in ("bp", "tpsgd-ce", "tpsgd-l2"):
+            cmd = [sys.executable, "-m", "benchmarks.core", "--memory-child", method, model_name]
+            # large blocks straight from mmap, so RSS follows what is allocated (no malloc arena slack)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run(
+                cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1], env=env
+            )
+            results[f"{model_name}/{method}"] = json.loads(out.stdout.strip().splitlines()[-1])
+        bp = results[f"{model_name}/bp"]
+        for method in ("tpsgd-ce", "tpsgd-l2"):
+            r = results[f"{model_name}/{method}"]
+            r["rss_ratio"] = r["extra_peak_rss"] / bp["extra_peak_rss"]
+            r["autograd_ratio"] = r["autograd_peak"] / bp["autograd_peak"]
+        print(model_name, {k: results[k] for k in results if k.startswith(model_name)}, flush=True)
+        _save(store)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _save(store: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "core.json").write_text(json.dumps(store, indent=1, sort_keys=True))
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def write_report(store: dict, command: str) -> None:
+    lines = [
+        "# Core benchmark: accuracy, throughput and memory of tpSGD vs backpropagation",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        "",
+        "## Accuracy (test split, mean ± std over seeds)",
+        "",
+        "Methods: **tpsgd-ce** (library rule `ce`), **tpsgd-l2** (the paper's tpSGD-ℓ2, `target_scale=30`),",
+        "**control** (hidden layers frozen at their random init, last layer trained), **bp** (backpropagation);",
+        "all with Adam, batch 128, the same epochs, 5000 training images held out for validation.",
+        "",
+        "| dataset | model | epochs | tpsgd-ce | tpsgd-l2 | control | bp | paper tpSGD / BP | target "
+        "| fit time ce / bp (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    acc = store.get("accuracy", {})
+    for dataset, model, _, epochs, _ in EXPERIMENTS:
+        cells, times = [], {}
+        for method in METHODS:
+            runs = [v for k, v in acc.items() if k.startswith(f"{dataset}/{model}/{method}/")]
+            cells.append(_mean_std([r["acc"] for r in runs]))
+            times[method] = statistics.mean([r["fit_s"] for r in runs]) if runs else float("nan")
+        paper = PAPER[(dataset, model)]
+        lines.append(
+            f"| {dataset} | {model} | {epochs} | " + " | ".join(cells) + f" | {paper.get('tpsgd', '–')} / "
+            f"{paper.get('bp', '–')} | ≥ {TARGETS[(dataset, model)]} | {times['tpsgd-ce']:.0f} / {times['bp']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Training throughput (samples/s, ratio to BP in the same process, batch 128)",
+        "",
+        "| model | BP samples/s | tpsgd-ce ratio | tpsgd-l2 ratio |",
+        "|---|---|---|---|",
+    ]
+    speed = store.get("speed", {})
+    for name in ("convnet4", "cnn2", "mlp2"):
+        if f"{name}/bp" in speed:
+            lines.append(
+                f"| {name} | {speed[f'{name}/bp']['samples_per_s']:.0f} | {speed[f'{name}/tpsgd-ce']['ratio']:.2f}× "
+                f"| {speed[f'{name}/tpsgd-l2']['ratio']:.2f}× |"
+            )
+    lines += [
+        "",
+        "## Peak training memory (ratio to BP's extra peak; fresh process per run, batch 128)",
+        "",
+        "| model | BP extra peak RSS (MB) | BP autograd-held (MB) | ce RSS ratio | ce autograd ratio "
+        "| l2 RSS ratio | l2 autograd ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    mem = store.get("memory", {})
+    for name in ("convnet4", "cnn2", "mlp2"):
+        if f"{name}/bp" in mem:
+            bp, ce, l2 = mem[f"{name}/bp"], mem[f"{name}/tpsgd-ce"], mem[f"{name}/tpsgd-l2"]
+            lines.append(
+                f"| {name} | {bp['extra_peak_rss'] / 2**20:.0f} | {bp['autograd_peak'] / 2**20:.0f} | "
+                f"{ce['rss_ratio']:.2f} | {ce['autograd_ratio']:.2f} | "
+                f"{l2['rss_ratio']:.2f} | {l2['autograd_ratio']:.2f} |"
+            )
+    lines += ["", "![core benchmark](core.png)", ""]
+    (RESULTS / "core.md").write_text("\n".join(lines))
+    _plot(store)
+    print("\n".join(lines))
+
+
+def _plot(store: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    acc = store.get("accuracy", {})
+    labels = [f"{d}/{m}" for d, m, *_ in EXPERIMENTS]
+    width = 0.2
+    for i, method in enumerate(METHODS):
+        means, stds = [], []
+        for dataset, model, *_ in EXPERIMENTS:
+            vals = [v["acc"] for k, v in acc.items() if k.startswith(f"{dataset}/{model}/{method}/")]
+            means.append(statistics.mean(vals) if vals else 0)
+            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0)
+        axes[0].bar([j + i * width for j in range(len(labels))], means, width, yerr=stds, label=method)
+    axes[0].set_xticks([j + 1.5 * width for j in range(len(labels))], labels)
+    axes[0].set_ylim(40, 100)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend()
+    for ax, part, key, title in (
+        (axes[1], "speed", "ratio", "throughput / BP"),
+        (axes[2], "memory", "autograd_ratio", "autograd-held bytes / BP"),
+    ):
+        data = store.get(part, {})
+        names = ["convnet4", "cnn2", "mlp2"]
+        for i, method in enumerate(("tpsgd-ce", "tpsgd-l2")):
+            vals = [data.get(f"{n}/{method}", {}).get(key, 0) for n in names]
+            ax.bar([j + i * 0.35 for j in range(3)], vals, 0.35, label=method)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.17 for j in range(3)], names)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "core.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("TPSGD_DATA_DIR", "../shared/data"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", default=["accuracy", "speed", "memory"])
+    parser.add_argument("--quick", action="store_true", help="small subsets and 1 epoch (labelled in the report)")
+    parser.add_argument("--fresh", action="store_true", help="ignore results saved by earlier runs")
+    parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.memory_child:
+        memory_child(*args.memory_child, steps=2)
+        return
+    path = RESULTS / "core.json"
+    store = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    for part in args.parts:
+        {"accuracy": accuracy_part, "speed": speed_part, "memory": memory_part}[part](args, store)
+    write_report(store, "python -m benchmarks.core " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import lightning_tpsgd
+from lightning_tpsgd import TPSGDStrategy
+
+
+class Net(L.LightningModule):
+    """An ordinary LightningModule: nothing in it knows about tpSGD."""
+
+    def __init__(self, loss_factor: float = 1.0, lr: float = 0.1):
+        super().__init__()
+        self.loss_factor, self.lr = loss_factor, lr
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.LeakyReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.Tanh(), nn.Linear(16, 10)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return self.loss_factor * loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loader(n=64, batch_size=16):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)), batch_size)
+
+
+def trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_import_registers_the_strategy_name():
+    assert "tpsgd" in StrategyRegistry
+    assert lightning_tpsgd.TPSGDStrategy is TPSGDStrategy
+    assert isinstance(trainer(strategy="tpsgd").strategy, TPSGDStrategy)
+
+
+def test_scaling_the_module_loss_leaves_hidden_parameters_bit_identical():
+    models = []
+    for factor in (1.0, 1000.0):
+        model = Net(loss_factor=factor)
+        trainer(strategy="tpsgd", max_epochs=1, max_steps=4).fit(model, loader())
+        models.append(model)
+    hidden = [n for n, _ in models[0].named_parameters() if not n.startswith("net.5.")]
+    assert hidden
+    for name in hidden:
+        assert torch.equal(models[0].get_parameter(name), models[1].get_parameter(name)), name
+    assert not torch.equal(models[0].net[5].weight, models[1].net[5].weight)
+
+
+def test_steps_logging_and_validation_behave_as_with_backprop():
+    model = Net()
+    t = trainer(strategy="tpsgd", max_epochs=2)
+    t.fit(model, loader(), loader(32))
+    assert t.global_step == 8  # one optimizer step per batch
+    assert {"train_loss", "val_loss", "tpsgd/net.0/loss", "tpsgd/net.3/loss"} <= set(t.callback_metrics)
+
+
+def test_hidden_layers_train_and_the_model_learns():
+    model = Net(lr=0.05)
+    before = [p.clone() for p in model.parameters()]
+    trainer(strategy=TPSGDStrategy(rule="ce"), max_epochs=3).fit(model, loader())
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_checkpoint_saves_projections_and_resume_continues(tmp_path):
+    model = Net()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(strategy=TPSGDStrategy(seed=5), max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        model, loader()
+    )
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert set(state["tpsgd"]["projections"]) == {"net.0", "net.3"}
+    assert set(state["state_dict"]) == set(model.state_dict())  # the model's own state stays clean
+
+    resumed_dir = tmp_path / "resumed"
+    t = trainer(
+        strategy=TPSGDStrategy(seed=5),
+        max_epochs=2,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=resumed_dir, save_last=True)],
+    )
+    t.fit(Net(), loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert t.global_step == 8
+    after = torch.load(resumed_dir / "last.ckpt", weights_only=False)
+    for name, P in state["tpsgd"]["projections"].items():
+        assert torch.equal(after["tpsgd"]["projections"][name], P)
+
+
+def test_layerwise_schedule_under_the_trainer():
+    model = Net()
+    snapshot = {n: p.clone() for n, p in model.named_parameters()}
+    strategy = TPSGDStrategy(schedule="layerwise", epochs_per_layer=1)
+    t = trainer(strategy=strategy, max_epochs=3, max_steps=4)
+    t.fit(model, loader())  # the first epoch = stage 0 only: block net.0 trains, nothing else moves
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, snapshot[n])}
+    assert changed == {"net.0.weight", "net.0.bias"}
+    assert {"tpsgd/net.0/loss"} <= set(t.callback_metrics) and "train_loss" not in t.callback_metrics
+
+
+def test_layerwise_max_epochs_too_small():
+    with pytest.raises(ValueError, match="Set max_epochs=6"):
+        trainer(strategy=TPSGDStrategy(schedule="layerwise", epochs_per_layer=2), max_epochs=4).fit(Net(), loader())
+
+
+def test_layerwise_resume_mid_schedule_is_exact(tmp_path):
+    def run(stop_after=None, ckpt_path=None):
+        L.seed_everything(0)
+        model = Net()
+        callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)]
+        t = trainer(
+            strategy=TPSGDStrategy(schedule="layerwise", epochs_per_layer=1),
+            max_epochs=3,
+            max_steps=stop_after or -1,
+            enable_checkpointing=True,
+            callbacks=callbacks,
+        )
+        t.fit(model, loader(), ckpt_path=ckpt_path)
+        return model
+
+    full = run()
+    run(stop_after=8)  # 4 batches per epoch: stops after stage 1, in the middle of the schedule
+    resumed = run(ckpt_path=tmp_path / "last.ckpt")
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class DictData(Dataset):
+    def __init__(self, key):
+        self.key, self.x, self.y = key, torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], self.key: self.y[i]}
+
+
+class DictNet(Net):
+    def training_step(self, batch, batch_idx):
+        y = batch.get("label", batch.get("target"))
+        return F.cross_entropy(self(batch["image"]), y)
+
+
+def test_labels_from_dict_batches_and_custom_keys():
+    trainer(strategy="tpsgd", max_steps=2).fit(DictNet(), DataLoader(DictData("label"), 8))
+    trainer(strategy=TPSGDStrategy(labels="target"), max_steps=2).fit(DictNet(), DataLoader(DictData("target"), 8))
+    with pytest.raises(ValueError, match=r"no 'label' or 'labels'.*TPSGDStrategy\(labels='<key>'\)"):
+        trainer(strategy="tpsgd", max_steps=2).fit(DictNet(), DataLoader(DictData("target"), 8))
+
+
+def test_float_labels_are_rejected_with_the_fix():
+    data = DataLoader(TensorDataset(torch.rand(16, 1, 8, 8), torch.rand(16)), 8)
+
+    class FloatNet(Net):
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).sum()
+
+    with pytest.raises(TypeError, match=r"integer class indices.*y.long\(\)"):
+        trainer(strategy="tpsgd", max_steps=1).fit(FloatNet(), data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
+        ({"devices": 2}, "trains on one device"),
+    ],
+)
+def test_unsupported_trainer_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        trainer(strategy="tpsgd", **kwargs).fit(Net(), loader())
+
+
+def test_manual_optimization_is_rejected():
+    class Manual(Net):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="needs automatic optimization"):
+        trainer(strategy="tpsgd").fit(Manual(), loader())
+
+
+def test_gradient_clipping_applies_to_local_gradients():
+    model = Net(lr=1.0)
+    trainer(strategy="tpsgd", max_steps=3, gradient_clip_val=1e-6).fit(model, loader())
+    reference = Net(lr=1.0)
+    trainer(strategy="tpsgd", max_steps=3).fit(reference, loader())
+    moved = (model.net[0].weight - Net().net[0].weight).abs().max()
+    assert moved < (reference.net[0].weight - Net().net[0].weight).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"rule": "l7"}, "Unknown rule 'l7'"), ({"schedule": "layerwise"}, "needs epochs_per_layer")],
+)
+def test_bad_strategy_options_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TPSGDStrategy(**kwargs)
+
+
+def test_bf16_mixed_precision_trains():
+    model = Net()
+    trainer(strategy="tpsgd", precision="bf16-mixed", max_steps=2).fit(model, loader())
+    assert all(torch.isfinite(p).all() for p in model.parameters())

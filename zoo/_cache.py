@@ -1,0 +1,212 @@
+"""Content-addressed cache of a frozen backbone's features, so an adaptor epoch costs only adaptor compute.
+
+A sample's features depend only on its pixels (the backbone is frozen and in eval mode), so the cache
+is keyed by a 128-bit fingerprint of the input tensor itself, not by its position in a dataset. That makes
+it correct for any DataLoader over a map-style dataset, shuffled or not, with any batch size, sampler or
+number of workers, and for the training and validation loaders alike: the first time a sample is seen its
+features are computed and stored; afterwards they are read back.
+
+The fingerprint is two random linear hashes of the tensor's raw bits, computed exactly in 64-bit integer
+arithmetic (wrap-around), so it does not depend on the batch the sample arrives in, on the device, or on
+summation order. Two different inputs collide with probability below 2**-60 per pair.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["FeatureCache", "fingerprint"]
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_HASH_SEED = 0x7A5D_0C0F
+
+
+def _hash_weights(length: int, device: torch.device) -> Tensor:
+    """Two rows of random odd 63-bit multipliers (fixed seed, so fingerprints are stable across runs)."""
+    g = torch.Generator().manual_seed(_HASH_SEED + length)
+    w = torch.randint(0, 2**62, (2, length), generator=g, dtype=torch.int64).mul_(2).add_(1)
+    return w.to(device)
+
+
+def fingerprint(x: Tensor) -> Tensor:
+    """128-bit content fingerprint of each sample of ``x`` (exact integer hashing of its bits).
+
+    Shape:
+        - x: (B, *S) any dtype
+        - returns: (B, 2) int64
+    """
+    flat = x.detach().reshape(x.shape[0], -1).contiguous()
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    bits = flat.view(_INT_VIEW[flat.element_size()]).to(torch.int64)
+    w = _hash_weights(bits.shape[1], bits.device)
+    return torch.stack([(bits * w[0]).sum(1), (bits * w[1]).sum(1)], dim=1)
+
+
+class FeatureCache:
+    """Features of a frozen backbone, stored once per distinct input and reused across epochs.
+
+    Pass ``cache_features=True`` to :class:`~zoo.TimmAdaptor` for a private cache, or one ``FeatureCache``
+    to several adaptors on the same backbone and taps (e.g. seeds of a sweep) to share it. A cache is bound
+    to the first backbone that uses it; another backbone raises.
+
+    Args:
+        directory: ``None`` keeps the features in memory; a folder stores them in memory-mapped files
+            there (scratch files, deleted when the cache is garbage-collected or :meth:`clear`-ed).
+        dtype: storage dtype of the features (``torch.float16`` halves the memory, at a small rounding cost).
+
+    Attributes:
+        hits / misses: samples served from the cache / computed, since creation.
+
+    Example:
+        >>> cache = FeatureCache()
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> feats = cache.get(x, lambda x: [x.mean((2, 3))])
+        >>> cache.misses, len(cache)
+        (4, 4)
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}.")
+        self.directory = None if directory is None else Path(directory).expanduser()
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
+        self.owner: str | None = None
+        self.hits = 0
+        self.misses = 0
+        self._index: dict[tuple, int] = {}
+        self._store: list[Tensor] = []  # one (capacity, *shape) tensor per output
+        self._files: list[Path] = []
+        self._size = 0
+        self._reserved = 0
+        self._finalizer = weakref.finalize(self, _remove_files, self._files)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        where = "memory" if self.directory is None else str(self.directory)
+        return f"FeatureCache(size={self._size}, storage={where!r}, dtype={self.dtype}, owner={self.owner!r})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored features (allocated capacity)."""
+        return sum(t.numel() * t.element_size() for t in self._store)
+
+    def bind(self, owner: str) -> None:
+        """Tie the cache to one backbone (its signature); using it with another one raises.
+
+        Raises:
+            ValueError: the cache already holds the features of a different backbone or tap set.
+        """
+        if self.owner is not None and self.owner != owner:
+            raise ValueError(
+                f"This FeatureCache holds features of {self.owner!r} but is now used with {owner!r}. Share a cache "
+                "only between adaptors with the same backbone, weights and taps, or pass cache_features=True."
+            )
+        self.owner = owner
+
+    def reserve(self, n: int) -> None:
+        """Pre-size the storage for ``n`` samples in total (avoids regrowing it while the cache fills)."""
+        self._reserved = max(self._reserved, int(n))
+
+    def clear(self) -> None:
+        """Drop every stored feature (and delete the memory-mapped files)."""
+        self._index.clear()
+        self._store.clear()
+        _remove_files(self._files)
+        self._size = 0
+
+    def get(self, x: Tensor, compute: Callable[[Tensor], Sequence[Tensor]]) -> list[Tensor]:
+        """Features of every sample of ``x``: stored ones are read back, the others computed and stored.
+
+        Args:
+            x: a batch of inputs.
+            compute: the backbone, ``x -> [features of each output]``, each ``(B, ...)``.
+
+        Returns:
+            One tensor per output, ``(B, ...)``, on ``x``'s device, in the storage dtype.
+        """
+        keys = self._keys(x)
+        rows = [self._index.get(k) for k in keys]
+        missing: dict[tuple, int] = {}  # key -> position of its first occurrence in the batch
+        for pos, (key, row) in enumerate(zip(keys, rows, strict=True)):
+            if row is None and key not in missing:
+                missing[key] = pos
+        if missing:
+            positions = list(missing.values())
+            feats = [f.detach() for f in compute(x[positions])]
+            self._append(list(missing), feats)
+            rows = [self._index[k] for k in keys]
+        n_missed = sum(1 for k in keys if k in missing)
+        self.misses += n_missed
+        self.hits += len(keys) - n_missed
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return [store.index_select(0, index).to(x.device, non_blocking=True) for store in self._store]
+
+    # ------------------------------------------------------------------ internals
+    def _keys(self, x: Tensor) -> list[tuple]:
+        shape = (tuple(x.shape[1:]), str(x.dtype))
+        return [(int(a), int(b), shape) for a, b in fingerprint(x).cpu().tolist()]
+
+    def _append(self, keys: list[tuple], feats: Sequence[Tensor]) -> None:
+        if not self._store:
+            self._allocate([tuple(f.shape[1:]) for f in feats], max(self._reserved, 2 * len(keys), 64))
+        shapes = [tuple(t.shape[1:]) for t in self._store]
+        got = [tuple(f.shape[1:]) for f in feats]
+        if got != shapes:
+            raise ValueError(
+                f"The backbone returned features of shapes {got} but the cache holds {shapes}: the input size "
+                "changed between batches. Feed one image size per cache, or pass cache_features=False."
+            )
+        start, n = self._size, len(keys)
+        if start + n > self._store[0].shape[0]:
+            self._grow(max(2 * self._store[0].shape[0], start + n))
+        for store, f in zip(self._store, feats, strict=True):
+            store[start : start + n].copy_(f.to("cpu", self.dtype))
+        for offset, key in enumerate(keys):
+            self._index[key] = start + offset
+        self._size += n
+
+    def _allocate(self, shapes: list[tuple[int, ...]], capacity: int) -> None:
+        self._store = [self._new_tensor((capacity, *shape)) for shape in shapes]
+
+    def _grow(self, capacity: int) -> None:
+        old, old_files = self._store, list(self._files)
+        self._files.clear()
+        self._store = [self._new_tensor((capacity, *t.shape[1:])) for t in old]
+        for new, prev in zip(self._store, old, strict=True):
+            new[: self._size].copy_(prev[: self._size])
+        del old
+        _remove_files(old_files)
+
+    def _new_tensor(self, shape: tuple[int, ...]) -> Tensor:
+        if self.directory is None:
+            return torch.empty(shape, dtype=self.dtype)
+        fd, name = tempfile.mkstemp(prefix=f"features-{uuid.uuid4().hex[:8]}-", suffix=".bin", dir=self.directory)
+        os.close(fd)
+        path = Path(name)
+        self._files.append(path)
+        numel = 1
+        for s in shape:
+            numel *= s
+        return torch.from_file(str(path), shared=True, size=numel, dtype=self.dtype).view(shape)
+
+
+def _remove_files(files: list[Path]) -> None:
+    for path in files:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    files.clear()
