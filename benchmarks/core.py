@@ -225,11 +225,12 @@ def memory_child(method: str, model_name: str, steps: int) -> None:
     gc.collect()
     base = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    meter = _SavedTensorMeter()
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: h.t):
-        for _ in range(steps):
-            run(x, y)
+    for _ in range(steps):
+        run(x, y)
     peak = _status_bytes("VmHWM")
+    meter = _SavedTensorMeter()  # then, separately, the bytes autograd holds for backward
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: h.t):
+        run(x, y)
     print(json.dumps({"extra_peak_rss": peak - base, "autograd_peak": meter.peak}))
 
 

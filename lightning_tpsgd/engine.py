@@ -207,16 +207,17 @@ class LocalLearner:
     Args:
         model: the network; its leaf modules must be registered in the order they are called.
         num_classes: C; default: ``out_features`` of the (first) output layer.
-        rule: ``"l2"`` (tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a :class:`LocalRule`, or any callable
-            ``loss(output, target) -> scalar``.
+        rule: ``"ce"`` (default: cross-entropy over cosine similarities to the class targets, scale-free),
+            ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a :class:`LocalRule`, or any
+            callable ``loss(output, target) -> scalar``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``.
         conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"`` (the dense
             ``projection`` over the whole ``K·H·W`` map), or any projection name.
         target: compare the target with the block output after (``"post"``) or before (``"pre"``) its
             activation.
-        target_scale: RMS of the dense targets (a multiplier for ``"filter"``). The default 1 matches
-            the unit scale of normalised inputs and of activations at PyTorch's default init; see the README.
+        target_scale: RMS of the dense targets (a multiplier for ``"filter"``); ignored by ``"ce"``. The
+            default 1 matches normalised inputs. ℓ1/ℓ2 are very sensitive to it (see the README).
         schedule: ``"simultaneous"`` (every block every batch) or ``"layerwise"`` (block ``k`` alone
             for ``epochs_per_layer`` epochs, earlier blocks frozen, later blocks not computed).
         epochs_per_layer: epochs per stage of the layer-wise schedule (an int, or one per stage).
@@ -243,7 +244,7 @@ class LocalLearner:
         model: nn.Module,
         num_classes: int | None = None,
         *,
-        rule: RuleSpec = "l2",
+        rule: RuleSpec = "ce",
         projection: str = "uniform",
         conv_projection: str = "filter",
         target: str = "post",
@@ -420,11 +421,21 @@ class LocalLearner:
                 f"(B, {', '.join(map(str, P.shape[1:]))}). A block's output shape must not change between batches "
                 "(except the batch size)."
             )
-        if block.rule.closed_form:  # no autograd graph for the loss: one output-sized buffer
-            loss, grad_h = block.rule.projected_loss_and_grad(h.detach(), self._labels, P)
-            if z is not None and z.requires_grad and _relu_backward_(grad_h, z, block.tap):
-                h = z  # grad_h is now the gradient with respect to the activation's input
-            grads = torch.autograd.grad(h, block.params, grad_h, allow_unused=True)
+        if block.rule.closed_form:  # no autograd graph for the loss
+            slope = _relu_slope(block.tap)
+            if slope is not None and z is not None and z.requires_grad and z.shape == h.shape and z.is_contiguous():
+                # z (the activation's input) is not needed by the layer's backward, so its storage takes the
+                # gradient: supervising the block costs no buffer beyond its own activations.
+                with torch.no_grad():
+                    loss, g, c = block.rule.projected_loss_and_grad(h.detach(), self._labels, P, out=z.detach())
+                    _relu_backward_(g, h, slope)
+                root = z
+            else:
+                loss, g, c = block.rule.projected_loss_and_grad(h.detach(), self._labels, P)
+                root = h
+            grads = [
+                None if d is None else d.mul_(c) for d in torch.autograd.grad(root, block.params, g, allow_unused=True)
+            ]
         else:
             loss = block.rule.projected_loss(h, self._labels, P)
             grads = torch.autograd.grad(loss, block.params, allow_unused=True)
@@ -620,20 +631,21 @@ class LocalLearner:
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _relu_backward_(grad: Tensor, z: Tensor, activation: nn.Module | None) -> bool:
-    """``grad *= act'(z)`` in place for ReLU / LeakyReLU, in batch chunks; False for other modules."""
-    if getattr(activation, "inplace", False):  # z was overwritten and now carries the activation's graph
-        return False
-    if isinstance(activation, nn.LeakyReLU):
-        slope = float(activation.negative_slope)
-    elif isinstance(activation, nn.ReLU):
-        slope = 0.0
+def _relu_slope(activation: nn.Module | None) -> float | None:
+    """Negative slope of a ReLU / LeakyReLU tap that is not in-place, else None."""
+    if getattr(activation, "inplace", False):  # its input was overwritten and carries the activation's graph
+        return None
+    if isinstance(activation, nn.LeakyReLU) and activation.negative_slope >= 0:
+        return float(activation.negative_slope)
+    return 0.0 if isinstance(activation, nn.ReLU) else None
+
+
+def _relu_backward_(grad: Tensor, h: Tensor, slope: float) -> None:
+    """``grad *= act'(z)`` in place and in one pass, from the output ``h`` of a (leaky) ReLU."""
+    if slope == 0.0:
+        torch.ops.aten.threshold_backward.grad_input(grad, h, 0.0, grad_input=grad)
     else:
-        return False
-    with torch.no_grad():
-        for g, zc in zip(grad.split(max(1, grad.shape[0] // 8)), z.split(max(1, grad.shape[0] // 8)), strict=True):
-            g.mul_(torch.where(zc > 0, 1.0, slope).to(g.dtype))
-    return True
+        torch.ops.aten.leaky_relu_backward.grad_input(grad, h, slope, True, grad_input=grad)
 
 
 @contextmanager

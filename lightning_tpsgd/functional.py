@@ -1,11 +1,13 @@
 """Stateless maths of target projection: targets, local losses and their closed-form gradients.
 
-Every local loss here is a *mean over all elements* (like ``F.mse_loss``), so a rule behaves the same
-for a 10-unit Linear block and a 32x64x64 Conv2d block under the same learning rate.
+Every ℓ1/ℓ2/DRTP loss here is a *mean over all elements* (like ``F.mse_loss``), so a rule behaves the same
+for a 10-unit Linear block and a 32x64x64 Conv2d block under the same learning rate; ``tpsgd_ce`` is a
+mean over the batch.
 
-The ``*_grad_`` functions are the hot path of the engine. They receive the block output ``h`` and a
-freshly gathered target ``t`` that they may overwrite: the gradient with respect to ``h`` is written
-into ``t`` in place, so supervising a block costs one extra activation-sized buffer, not three.
+The ``*_grad_`` functions are the engine's hot path and return ``(loss, g, c)`` with
+``dloss/dh = c * g``: the scalar ``c`` is applied later to the (small) parameter gradients instead of
+to an activation-sized tensor, and ``g`` is written into the buffer ``t`` (or ``out``) the caller gives,
+so a block's local gradient costs as few passes over its output as possible and no extra buffer.
 
 Shapes (B batch, C classes, F features, K channels, H/W spatial):
     - ``y``: (B,) integer labels
@@ -16,6 +18,7 @@ Shapes (B batch, C classes, F features, K channels, H/W spatial):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -39,18 +42,28 @@ def one_hot(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> 
         - y: (B,) integer
         - returns: (B, C)
     """
-    return torch.nn.functional.one_hot(y.long(), num_classes).to(dtype)
+    return F.one_hot(y.long(), num_classes).to(dtype)
 
 
-def project_targets(y: Tensor, P: Tensor) -> Tensor:
-    """Local targets ``onehot(y) @ P`` computed as a row gather ``P[y]`` (no matrix product).
+def project_targets(y: Tensor, P: Tensor, out: Tensor | None = None) -> Tensor:
+    """Local targets ``onehot(y) @ P``: exactly the rows ``P[y]``.
+
+    Computed as one matrix product with the one-hot labels (K = C is tiny, so it costs one write of the
+    targets); a row-by-row gather is as fast on an idle machine but issues one parallel copy per sample,
+    which stalls on a busy one.
+
+    Args:
+        out: optional (B, *S) buffer to write the targets into.
 
     Shape:
         - y: (B,) integer labels in ``[0, C)``
         - P: (C, *S)
-        - returns: (B, *S), a new tensor the caller owns
+        - returns: (B, *S), a new tensor the caller owns (or ``out``)
     """
-    return P.index_select(0, y)
+    Pf = P.reshape(P.shape[0], -1)
+    y1h = one_hot(y, P.shape[0], dtype=P.dtype)
+    t = y1h @ Pf if out is None else torch.mm(y1h, Pf, out=out.view(y.shape[0], -1))
+    return t.view(y.shape[0], *P.shape[1:])
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -68,16 +81,14 @@ def tpsgd_l2(h: Tensor, t: Tensor) -> Tensor:
     return (h - t).pow(2).mean()
 
 
-def tpsgd_l2_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Loss and :math:`\partial L / \partial h = 2 (h - t) / N` of :func:`tpsgd_l2`, written into ``t``.
+def tpsgd_l2_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
+    r"""Loss of :func:`tpsgd_l2` and its gradient :math:`\frac{2}{N}(h - t)` as ``(loss, h - t, 2/N)``.
 
-    Returns:
-        ``(loss, grad)`` where ``grad`` is ``t`` itself, overwritten.
+    ``h - t`` overwrites ``t``.
     """
     n = h.numel()
-    d = t.sub_(h)  # t - h
-    loss = _dot(d, d) / n
-    return loss, d.mul_(-2.0 / n)
+    d = torch.sub(h, t, out=t)
+    return _dot(d, d) / n, d, 2.0 / n
 
 
 def tpsgd_l1(h: Tensor, t: Tensor) -> Tensor:
@@ -90,12 +101,12 @@ def tpsgd_l1(h: Tensor, t: Tensor) -> Tensor:
     return (h - t).abs().mean()
 
 
-def tpsgd_l1_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Loss and :math:`\partial L / \partial h = \operatorname{sign}(h - t) / N` of :func:`tpsgd_l1`, in ``t``."""
+def tpsgd_l1_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
+    r"""Loss of :func:`tpsgd_l1` and its gradient :math:`\frac{1}{N}\operatorname{sign}(h - t)`, in ``t``."""
     n = h.numel()
-    d = t.sub_(h)  # t - h
+    d = torch.sub(h, t, out=t)
     loss = torch.linalg.vector_norm(d.reshape(-1), ord=1) / n
-    return loss, d.sign_().mul_(-1.0 / n)
+    return loss, d.sign_(), 1.0 / n
 
 
 def drtp(h: Tensor, t: Tensor) -> Tensor:
@@ -112,21 +123,20 @@ def drtp(h: Tensor, t: Tensor) -> Tensor:
     return -(h * t).mean()
 
 
-def drtp_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Loss and :math:`\partial L / \partial h = -t / N` of :func:`drtp`, written into ``t``."""
+def drtp_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
+    r"""Loss of :func:`drtp` and its gradient :math:`-t / N` as ``(loss, t, -1/N)``."""
     n = h.numel()
-    loss = -_dot(h, t) / n
-    return loss, t.mul_(-1.0 / n)
+    return -_dot(h, t) / n, t, -1.0 / n
 
 
-def _cosine_logits(h: Tensor, y_P: Tensor, kappa: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``kappa * cos(h_b, P_c)`` for every sample and class, with the norms used."""
+def _cosines(h: Tensor, P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``cos(h_b, P_c)`` for every sample and class, with the norms used."""
     hf = h.reshape(h.shape[0], -1)
-    Pf = y_P.reshape(y_P.shape[0], -1)
+    Pf = P.reshape(P.shape[0], -1)
     h_norm = torch.linalg.vector_norm(hf, dim=1).clamp_min(1e-12)  # (B,)
     P_norm = torch.linalg.vector_norm(Pf, dim=1).clamp_min(1e-12)  # (C,)
-    logits = (hf @ Pf.T).div_(h_norm[:, None]).div_(P_norm[None, :]).mul_(kappa)  # (B, C)
-    return logits, h_norm, P_norm
+    cos = (hf @ Pf.T).div_(h_norm[:, None]).div_(P_norm[None, :])  # (B, C)
+    return cos, h_norm, P_norm
 
 
 def tpsgd_ce(h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0) -> Tensor:
@@ -139,29 +149,36 @@ def tpsgd_ce(h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0) -> Tensor:
         - h: (B, *S); y: (B,) integer labels; P: (C, *S)
         - returns: scalar (mean over the batch)
     """
-    logits, _, _ = _cosine_logits(h, P, kappa)
-    return torch.nn.functional.cross_entropy(logits, y)
+    cos, _, _ = _cosines(h, P)
+    return F.cross_entropy(kappa * cos, y)
 
 
-def tpsgd_ce_grad(h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0) -> tuple[Tensor, Tensor]:
-    r"""Loss and :math:`\partial J / \partial h` of :func:`tpsgd_ce` in closed form.
+def tpsgd_ce_grad(
+    h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, float]:
+    r"""Loss of :func:`tpsgd_ce` and its gradient in closed form, as ``(loss, g, kappa / B)``.
 
-    With :math:`G_b = \frac{1}{B} \sum_c (p_{bc} - y^*_{bc}) P_c / \lVert P_c \rVert`, the gradient is
-    :math:`\frac{\kappa}{\lVert h_b \rVert} (G_b - \frac{G_b \cdot h_b}{\lVert h_b \rVert^2} h_b)`: it is
-    orthogonal to ``h`` (the loss ignores the output's magnitude) and costs one output-sized buffer.
+    With :math:`e = \operatorname{softmax}(\kappa \cos) - \operatorname{onehot}(y)`,
 
-    Returns:
-        ``(loss, grad)``; ``grad`` has the shape of ``h``.
+    .. math:: \frac{\partial J}{\partial h_b} = \frac{\kappa}{B}\Big(\sum_c
+       \frac{e_{bc}\, P_c}{\lVert h_b \rVert \lVert P_c \rVert}
+       - \frac{\sum_c e_{bc} \cos_{bc}}{\lVert h_b \rVert^2}\, h_b\Big),
+
+    orthogonal to ``h_b`` (the loss ignores the output's magnitude). ``g`` is the bracket: one small
+    matrix product into ``out`` and one fused multiply-add.
+
+    Args:
+        out: optional buffer of ``h``'s shape that receives ``g``.
     """
     B = h.shape[0]
-    logits, h_norm, P_norm = _cosine_logits(h, P, kappa)
-    loss = torch.nn.functional.cross_entropy(logits, y)
+    cos, h_norm, P_norm = _cosines(h, P)
+    logits = kappa * cos
+    loss = F.cross_entropy(logits, y)
     err = logits.softmax(dim=1)
-    err[torch.arange(B, device=err.device), y] -= 1.0  # p - onehot(y)
-    err.div_(P_norm[None, :] * B)
-    hf = h.reshape(B, -1)
-    G = err @ P.reshape(P.shape[0], -1)  # (B, F)
-    coef = torch.linalg.vecdot(G, hf, dim=1)  # (B,)
-    G.addcmul_(hf, (coef / h_norm.square())[:, None], value=-1.0)
-    G.mul_((kappa / h_norm)[:, None])
-    return loss, G.reshape(h.shape)
+    err[torch.arange(B, device=err.device), y] -= 1.0
+    radial = (err * cos).sum(dim=1).div_(h_norm.square())  # (B,)
+    err.div_(h_norm[:, None]).div_(P_norm[None, :])
+    Pf, hf = P.reshape(P.shape[0], -1), h.reshape(B, -1)
+    g = err @ Pf if out is None else torch.mm(err, Pf, out=out.view(B, -1))  # (B, F)
+    g.addcmul_(hf, radial[:, None], value=-1.0)
+    return loss, g.view(h.shape), kappa / B

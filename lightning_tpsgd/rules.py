@@ -45,8 +45,8 @@ class LocalRule:
     def loss(self, h: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(loss, dloss/dh)``; may overwrite ``t`` with the gradient."""
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Return ``(loss, g, c)`` with ``dloss/dh = c * g``; ``g`` may overwrite ``t``."""
         raise NotImplementedError(f"Rule {self.name!r} has no closed-form gradient; the engine uses autograd.")
 
     def projected_loss(self, h: Tensor, y: Tensor, P: Tensor) -> Tensor:
@@ -57,9 +57,15 @@ class LocalRule:
         """
         return self.loss(h, TF.project_targets(y, P).to(h.dtype))
 
-    def projected_loss_and_grad(self, h: Tensor, y: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
-        """Closed-form ``(loss, dloss/dh)`` from labels and projection (what the engine calls)."""
-        return self.loss_and_grad_(h, TF.project_targets(y, P).to(h.dtype))
+    def projected_loss_and_grad(
+        self, h: Tensor, y: Tensor, P: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, float]:
+        """Closed-form ``(loss, g, c)`` with ``dloss/dh = c * g``, from labels and projection.
+
+        Args:
+            out: optional buffer of ``h``'s shape and dtype that receives ``g``.
+        """
+        return self.loss_and_grad_(h, TF.project_targets(y, P.to(h.dtype), out=out))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -74,7 +80,7 @@ class TPSGDL2(LocalRule):
     def loss(self, h: Tensor, t: Tensor) -> Tensor:
         return TF.tpsgd_l2(h, t)
 
-    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
         return TF.tpsgd_l2_grad_(h, t)
 
 
@@ -87,7 +93,7 @@ class TPSGDL1(LocalRule):
     def loss(self, h: Tensor, t: Tensor) -> Tensor:
         return TF.tpsgd_l1(h, t)
 
-    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
         return TF.tpsgd_l1_grad_(h, t)
 
 
@@ -107,7 +113,7 @@ class DRTP(LocalRule):
     def loss(self, h: Tensor, t: Tensor) -> Tensor:
         return TF.drtp(h, t)
 
-    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def loss_and_grad_(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
         return TF.drtp_grad_(h, t)
 
 
@@ -145,8 +151,10 @@ class TPSGDCE(LocalRule):
     def projected_loss(self, h: Tensor, y: Tensor, P: Tensor) -> Tensor:
         return TF.tpsgd_ce(h, y, P.to(h.dtype), kappa=self.kappa)
 
-    def projected_loss_and_grad(self, h: Tensor, y: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
-        return TF.tpsgd_ce_grad(h, y, P.to(h.dtype), kappa=self.kappa)
+    def projected_loss_and_grad(
+        self, h: Tensor, y: Tensor, P: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, float]:
+        return TF.tpsgd_ce_grad(h, y, P.to(h.dtype), kappa=self.kappa, out=out)
 
     def __repr__(self) -> str:
         return f"TPSGDCE(kappa={self.kappa})"

@@ -30,13 +30,13 @@ class TPSGDStrategy(SingleDeviceStrategy):
     """Train an unchanged LightningModule without global backpropagation, on one device.
 
     Args:
-        rule: local rule of the hidden blocks: ``"l2"`` (tpSGD-ℓ2), ``"l1"``, ``"drtp"`` or a callable
-            ``loss(output, target)``.
+        rule: local rule of the hidden blocks: ``"ce"`` (default, scale-free), ``"l2"`` (the paper's
+            tpSGD-ℓ2), ``"l1"``, ``"drtp"`` or a callable ``loss(output, target)``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``.
         conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"``.
         target: compare targets after (``"post"``) or before (``"pre"``) the block's activation.
-        target_scale: RMS of the targets (multiplier for ``"filter"``).
+        target_scale: RMS of the targets (multiplier for ``"filter"``); ignored by ``"ce"``.
         schedule: ``"simultaneous"`` or ``"layerwise"``.
         epochs_per_layer: layer-wise only: epochs per stage (one per hidden block, then one for the output
             layer). ``max_epochs`` must leave the output stage at least one epoch; epochs beyond the
@@ -57,7 +57,7 @@ class TPSGDStrategy(SingleDeviceStrategy):
 
     def __init__(
         self,
-        rule: RuleSpec = "l2",
+        rule: RuleSpec = "ce",
         projection: str = "uniform",
         conv_projection: str = "filter",
         target: str = "post",
