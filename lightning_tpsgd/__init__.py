@@ -1,6 +1,7 @@
 """lightning-tpsgd: train neural networks without global backpropagation (tpSGD, DRTP, local losses).
 
-Importing the package registers ``Trainer(strategy="tpsgd")`` in Lightning's strategy registry.
+Importing the package registers ``Trainer(strategy="tpsgd")`` and ``"tpsgd_ddp"`` in Lightning's strategy
+registry.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -8,12 +9,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 from .engine import Block, LocalLearner, find_blocks
 from .projections import create_projection, list_projections
 from .rules import create_rule, list_rules
-from .strategy import TPSGDStrategy
+from .strategy import TPSGDDDPStrategy, TPSGDStrategy
 
 __version__ = "0.1.0"
 __all__ = [
     "Block",
     "LocalLearner",
+    "TPSGDDDPStrategy",
     "TPSGDStrategy",
     "create_projection",
     "create_rule",
@@ -22,5 +24,6 @@ __all__ = [
     "list_rules",
 ]
 
-if TPSGDStrategy.strategy_name not in StrategyRegistry:
-    TPSGDStrategy.register_strategies(StrategyRegistry)
+for _strategy in (TPSGDStrategy, TPSGDDDPStrategy):
+    if _strategy.strategy_name not in StrategyRegistry:
+        _strategy.register_strategies(StrategyRegistry)

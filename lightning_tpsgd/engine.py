@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from .nn.base import LocalContext, LocalModule
 from .projections import Projection, create_projection, list_projections
 from .rules import LocalRule, RuleSpec, create_rule
 
-__all__ = ["Block", "LocalLearner", "StopForward", "TRAINABLE_LAYERS", "cross_block_guard", "find_blocks"]
+__all__ = ["Block", "GradSync", "LocalLearner", "StopForward", "TRAINABLE_LAYERS", "cross_block_guard", "find_blocks"]
 
 #: Layer types the engine trains with a projected target.
 TRAINABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -41,6 +41,17 @@ _TORCH_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 _SCHEDULES = ("simultaneous", "layerwise")
 _TARGETS = ("post", "pre")
 _OVERRIDE_KEYS = ("rule", "target", "projection", "target_scale")
+
+
+class GradSync(Protocol):
+    """Communication of local gradients across data-parallel replicas (see ``TPSGDDDPStrategy``)."""
+
+    def local(self, block: Block, grads: Sequence[Tensor | None]) -> None:
+        """Called right after a block's local step; may start asynchronous communication."""
+
+    def finish(self, pending: dict[int, list[Tensor | None]], output_params: Sequence[nn.Parameter]) -> None:
+        """Called before the gradients are written: finish communication and average ``pending`` in place
+        and the output layers' ``.grad``."""
 
 
 class StopForward(BaseException):
@@ -230,6 +241,7 @@ class LocalLearner:
         overrides: per-layer options, ``{"<layer name or fnmatch pattern>": {"rule": ..., "target": ...,
             "projection": ..., "target_scale": ...}}``.
         validate: check labels and local losses every step (a small synchronisation cost).
+        grad_sync: data-parallel communication of the local gradients (set by ``TPSGDDDPStrategy``).
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LeakyReLU(), nn.Linear(32, 10))
@@ -257,6 +269,7 @@ class LocalLearner:
         output_layers: Sequence[str] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         validate: bool = True,
+        grad_sync: GradSync | None = None,
     ) -> None:
         _check_choice("schedule", schedule, _SCHEDULES)
         _check_choice("target", target, _TARGETS)
@@ -272,6 +285,7 @@ class LocalLearner:
         self.seed = int(seed)
         self.loss_fn = loss_fn
         self.validate = validate
+        self.grad_sync = grad_sync
         self.hidden = [b for b in self.blocks if not b.is_output]
         self.epochs_per_layer = _stage_epochs(schedule, epochs_per_layer, len(self.hidden) + 1)
         self._configure_blocks(rule, projection, conv_projection, target, target_scale, overrides or {})
@@ -448,6 +462,8 @@ class LocalLearner:
                 f"Local loss of block '{block.name}' is {loss.item()} (rule {block.rule!r}). Lower the learning "
                 "rate or target_scale, or check the inputs for NaN/inf."
             )
+        if self.grad_sync is not None:
+            self.grad_sync.local(block, grads)
         previous = self._pending.get(block.index)
         if previous is None:
             self._pending[block.index] = list(grads)
@@ -562,6 +578,8 @@ class LocalLearner:
             RuntimeError: the output loss reached a hidden block, i.e. the model's forward reuses a tensor
                 from before a block (a skip connection across blocks), which would break locality.
         """
+        if self.grad_sync is not None:
+            self.grad_sync.finish(self._pending, [p for b in self.blocks if b.is_output for p in b.params])
         for index, grads in self._pending.items():
             block = self.blocks[index]
             for p, g in zip(block.params, grads, strict=True):

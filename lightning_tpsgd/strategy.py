@@ -1,4 +1,4 @@
-"""``Trainer(strategy="tpsgd")``: thin Lightning glue over :class:`~lightning_tpsgd.engine.LocalLearner`.
+"""``Trainer(strategy="tpsgd" | "tpsgd_ddp")``: thin Lightning glue over :class:`~lightning_tpsgd.engine.LocalLearner`.
 
 The LightningModule stays unchanged. During ``training_step`` the engine's hooks train every hidden
 block on its projected target and detach its output, so the loss the module returns reaches only the
@@ -12,21 +12,125 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
 
-from .engine import LocalLearner, cross_block_guard
+from .engine import GradSync, LocalLearner, cross_block_guard
 from .rules import RuleSpec
 
-__all__ = ["TPSGDStrategy", "LabelSpec"]
+__all__ = ["TPSGDStrategy", "TPSGDDDPStrategy", "LabelSpec"]
 
 LabelSpec = int | str | Callable[[Any], Tensor] | None
 _CHECKPOINT_KEY = "tpsgd"
+_LEARNER_OPTIONS = (
+    "rule",
+    "projection",
+    "conv_projection",
+    "target",
+    "target_scale",
+    "schedule",
+    "epochs_per_layer",
+    "seed",
+    "num_classes",
+    "output_layers",
+    "overrides",
+    "validate",
+)
 
 
-class TPSGDStrategy(SingleDeviceStrategy):
+class _LocalLearning:
+    """The tpSGD glue shared by the single-device and the data-parallel strategy (a mixin)."""
+
+    learner: LocalLearner | None
+
+    def _init_local_learning(self, options: dict[str, Any]) -> None:
+        self.learner_kwargs = {k: options[k] for k in _LEARNER_OPTIONS}
+        self.labels = options["labels"]
+        self.log_local_losses = options["log_local_losses"]
+        self.learner = None
+        self._checkpoint_state: dict[str, Any] | None = None
+        # Fail on bad options now, not at the first batch (a throw-away check on a tiny model).
+        _validate_options(self.learner_kwargs)
+
+    def _grad_sync(self) -> GradSync | None:
+        return None
+
+    # ------------------------------------------------------------------ set-up and teardown
+    def _setup_local_learning(self, trainer: Any) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        _check_trainer(trainer)
+        module = self.lightning_module
+        kwargs = dict(self.learner_kwargs)
+        if kwargs["output_layers"] is None and getattr(module, "tpsgd_output_layers", None):
+            kwargs["output_layers"] = list(module.tpsgd_output_layers)
+        self.learner = LocalLearner(module, grad_sync=self._grad_sync(), **kwargs)
+        if self._checkpoint_state is not None:
+            self.learner.load_state_dict(self._checkpoint_state)
+            self._checkpoint_state = None
+        _check_schedule(trainer, self.learner)
+
+    @override
+    def teardown(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+        super().teardown()
+
+    # ------------------------------------------------------------------ the training step
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        learner = self.learner
+        assert learner is not None, "the strategy's setup() was not called for fitting"
+        trainer = self.lightning_module.trainer
+        learner.set_epoch(trainer.current_epoch)
+        batch = args[0] if args else kwargs["batch"]
+        labels = _extract_labels(batch, self.labels, trainer.global_step)
+        output = learner.run(lambda: super(_LocalLearning, self).training_step(*args, **kwargs), labels)
+        losses = learner.local_losses()
+        if self.log_local_losses:
+            for name, value in losses.items():
+                self.lightning_module.log(f"tpsgd/{name}/loss", value, batch_size=labels.shape[0])
+        if output is None:  # a layer-wise stage training a hidden block: the output layer is not computed
+            total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=labels.device)
+            return total.detach().requires_grad_()  # a leaf for Lightning's backward; carries no gradient
+        return output
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        with cross_block_guard():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        assert self.learner is not None
+        self.learner.commit_grads(scale=_loss_scale(self.precision_plugin))
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self.learner is not None:
+            checkpoint[_CHECKPOINT_KEY] = self.learner.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is not None:
+            if self.learner is not None:
+                self.learner.load_state_dict(state)
+            else:
+                self._checkpoint_state = state
+        return checkpoint
+
+
+class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
     """Train an unchanged LightningModule without global backpropagation, on one device.
 
     Args:
@@ -77,26 +181,7 @@ class TPSGDStrategy(SingleDeviceStrategy):
         super().__init__(device=device or "cpu", **strategy_kwargs)
         self._explicit_device = device is not None
         self.parallel_devices: list[torch.device] | None = None  # filled in by Lightning's connector
-        self.learner_kwargs: dict[str, Any] = dict(
-            rule=rule,
-            projection=projection,
-            conv_projection=conv_projection,
-            target=target,
-            target_scale=target_scale,
-            schedule=schedule,
-            epochs_per_layer=epochs_per_layer,
-            seed=seed,
-            num_classes=num_classes,
-            output_layers=output_layers,
-            overrides=overrides,
-            validate=validate,
-        )
-        self.labels = labels
-        self.log_local_losses = log_local_losses
-        self.learner: LocalLearner | None = None
-        self._checkpoint_state: dict[str, Any] | None = None
-        # Fail on bad options now, not at the first batch (a throw-away check on a tiny model).
-        _validate_options(self.learner_kwargs)
+        self._init_local_learning(locals())
 
     @classmethod
     @override
@@ -110,7 +195,6 @@ class TPSGDStrategy(SingleDeviceStrategy):
             return torch.device(self.parallel_devices[0])
         return self._root_device
 
-    # ------------------------------------------------------------------ set-up and teardown
     @override
     def setup(self, trainer: Any) -> None:
         if self.parallel_devices and len(self.parallel_devices) > 1:
@@ -119,77 +203,116 @@ class TPSGDStrategy(SingleDeviceStrategy):
                 "Use devices=1, or the data-parallel strategy 'tpsgd_ddp'."
             )
         super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING:
-            _check_trainer(trainer)
-            self.learner = self._make_learner()
-            _check_schedule(trainer, self.learner)
+        self._setup_local_learning(trainer)
 
-    def _make_learner(self) -> LocalLearner:
-        module = self.lightning_module
-        assert module is not None
-        kwargs = dict(self.learner_kwargs)
-        if kwargs["output_layers"] is None and getattr(module, "tpsgd_output_layers", None):
-            kwargs["output_layers"] = list(module.tpsgd_output_layers)
-        learner = LocalLearner(module, **kwargs)
-        if self._checkpoint_state is not None:
-            learner.load_state_dict(self._checkpoint_state)
-            self._checkpoint_state = None
-        return learner
+
+class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
+    """Data-parallel tpSGD on Lightning's DDP machinery (``Trainer(strategy="tpsgd_ddp", devices=N)``).
+
+    The model is not wrapped in ``DistributedDataParallel`` (there is no global backward to hook into):
+    parameters and buffers are broadcast from rank 0 once, each block's local gradients are all-reduced
+    asynchronously right after its local step, so the communication overlaps the next block's forward,
+    and the output layers' gradients after the module's backward. Every rank then applies the same
+    averaged gradients, so parameters, projections (seeded) and optimizer states stay identical. Buffers
+    (batch-norm statistics) are broadcast from rank 0 before every step, as DDP does by default.
+
+    Launch it the usual Lightning ways: its subprocess launcher (``devices=N``), ``torchrun``, or SLURM.
+    Takes the options of :class:`TPSGDStrategy` (except ``device``) plus those of Lightning's
+    ``DDPStrategy`` (``process_group_backend``, ``timeout``, ``start_method``, ...).
+    """
+
+    strategy_name = "tpsgd_ddp"
+
+    def __init__(
+        self,
+        rule: RuleSpec = "ce",
+        projection: str = "uniform",
+        conv_projection: str = "filter",
+        target: str = "post",
+        target_scale: float = 1.0,
+        schedule: str = "simultaneous",
+        epochs_per_layer: int | Sequence[int] | None = None,
+        seed: int = 0,
+        num_classes: int | None = None,
+        labels: LabelSpec = None,
+        output_layers: Sequence[str] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        validate: bool = True,
+        log_local_losses: bool = True,
+        **ddp_kwargs: Any,
+    ) -> None:
+        super().__init__(**ddp_kwargs)
+        self._init_local_learning(locals())
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="tpSGD local learning, data-parallel")
 
     @override
-    def teardown(self) -> None:
-        if self.learner is not None:
-            self.learner.close()
-            self.learner = None
-        super().teardown()
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        self._setup_local_learning(trainer)
 
-    # ------------------------------------------------------------------ the training step
+    @override
+    def configure_ddp(self) -> None:
+        _broadcast_module(self.model)  # what the DistributedDataParallel wrapper would do at construction
+
+    def _grad_sync(self) -> GradSync:
+        return _AllReduce(self.world_size)
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        learner = self.learner
-        assert learner is not None, "TPSGDStrategy.setup() was not called for fitting"
-        trainer = self.lightning_module.trainer
-        learner.set_epoch(trainer.current_epoch)
-        batch = args[0] if args else kwargs["batch"]
-        labels = _extract_labels(batch, self.labels, trainer.global_step)
-        output = learner.run(lambda: super(TPSGDStrategy, self).training_step(*args, **kwargs), labels)
-        losses = learner.local_losses()
-        if self.log_local_losses:
-            for name, value in losses.items():
-                self.lightning_module.log(f"tpsgd/{name}/loss", value, batch_size=labels.shape[0])
-        if output is None:  # a layer-wise stage training a hidden block: the output layer is not computed
-            total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=labels.device)
-            return total.detach().requires_grad_()  # a leaf for Lightning's backward; carries no gradient
-        return output
+        _broadcast_module(self.lightning_module, parameters=False)
+        return super().training_step(*args, **kwargs)
 
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        with cross_block_guard():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
-    @override
-    def post_backward(self, closure_loss: Tensor) -> None:
-        super().post_backward(closure_loss)
-        assert self.learner is not None
-        self.learner.commit_grads(scale=_loss_scale(self.precision_plugin))
+class _AllReduce:
+    """:class:`~lightning_tpsgd.engine.GradSync` over ``torch.distributed``: asynchronous all-reduce per block."""
 
-    # ------------------------------------------------------------------ checkpoints
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self.learner is not None:
-            checkpoint[_CHECKPOINT_KEY] = self.learner.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._works: dict[int, list[tuple[Any, Tensor, list[Tensor | None]]]] = {}
 
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint.get(_CHECKPOINT_KEY)
-        if state is not None:
-            if self.learner is not None:
-                self.learner.load_state_dict(state)
-            else:
-                self._checkpoint_state = state
-        return checkpoint
+    def local(self, block: Any, grads: Sequence[Tensor | None]) -> None:
+        present = [g for g in grads if g is not None]
+        if not present:
+            return
+        flat = _flatten_dense_tensors(present)
+        work = dist.all_reduce(flat, async_op=True)
+        self._works.setdefault(block.index, []).append((work, flat, list(grads)))
+
+    def finish(self, pending: dict[int, list[Tensor | None]], output_params: Sequence[Tensor]) -> None:
+        grads = [p.grad for p in output_params if p.grad is not None]
+        if grads:
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            for g, reduced in zip(grads, _unflatten_dense_tensors(flat.div_(self.world_size), grads), strict=True):
+                g.copy_(reduced)
+        for index, entries in self._works.items():
+            total: list[Tensor | None] | None = None
+            for work, flat, like in entries:
+                work.wait()
+                present = [g for g in like if g is not None]
+                it = iter(_unflatten_dense_tensors(flat.div_(self.world_size), present))
+                reduced = [None if g is None else next(it) for g in like]
+                total = (
+                    reduced
+                    if total is None
+                    else [a if b is None else a + b for a, b in zip(total, reduced, strict=True)]
+                )
+            pending[index] = total  # type: ignore[assignment]
+        self._works.clear()
+
+
+def _broadcast_module(module: torch.nn.Module, parameters: bool = True) -> None:
+    """Broadcast parameters (optionally) and floating buffers from rank 0."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    tensors = [p.data for p in module.parameters()] if parameters else []
+    tensors += [b for b in module.buffers() if b.is_floating_point()]
+    for t in tensors:
+        dist.broadcast(t, 0)
 
 
 def _validate_options(kwargs: Mapping[str, Any]) -> None:
