@@ -40,9 +40,9 @@ TARGETS = {("mnist", "mlp2"): 96.5, ("mnist", "cnn2"): 98.0, ("cifar10", "cnn2")
 
 # dataset, model, model kwargs, epochs, learning rate
 EXPERIMENTS: list[tuple[str, str, dict[str, Any], int, float]] = [
-    ("mnist", "mlp2", {"hidden": 1024}, 10, 1e-3),
-    ("mnist", "cnn2", {"in_chans": 1, "input_size": 28}, 5, 1e-3),
-    ("cifar10", "cnn2", {"in_chans": 3, "input_size": 32}, 10, 1e-3),
+    ("mnist", "mlp2", {"hidden": 1024}, 5, 1e-3),
+    ("mnist", "cnn2", {"in_chans": 1, "input_size": 28}, 3, 1e-3),
+    ("cifar10", "cnn2", {"in_chans": 3, "input_size": 32}, 4, 1e-3),
 ]
 # method name -> (strategy factory, freeze hidden layers)
 METHODS = ("tpsgd-ce", "tpsgd-l2", "control", "bp")
@@ -98,17 +98,25 @@ def run_accuracy(
 
 
 def accuracy_part(args: argparse.Namespace, store: dict) -> None:
+    """Headline rows first (tpsgd-ce and bp over all seeds), then the reference rows (control, l2)."""
     results = store.setdefault("accuracy", {})
-    for dataset, model, kwargs, epochs, lr in EXPERIMENTS:
-        for method in METHODS:
-            for seed in range(args.seeds):
-                key = f"{dataset}/{model}/{method}/{seed}" + ("/quick" if args.quick else "")
-                if key in results:
-                    continue
-                out = run_accuracy(dataset, model, kwargs, epochs, lr, method, seed, args.data_dir, args.quick)
-                results[key] = out
-                print(f"{key}: {out['acc']:.2f}% in {out['fit_s']:.0f}s", flush=True)
-                _save(store)
+    seeds = {
+        "tpsgd-ce": args.seeds,
+        "bp": args.seeds,
+        "control": args.reference_seeds,
+        "tpsgd-l2": args.reference_seeds,
+    }
+    plan = [(exp, m) for m in ("tpsgd-ce", "bp") for exp in EXPERIMENTS]
+    plan += [(exp, m) for m in ("control", "tpsgd-l2") for exp in EXPERIMENTS]
+    for (dataset, model, kwargs, epochs, lr), method in plan:
+        for seed in range(seeds[method]):
+            key = f"{dataset}/{model}/{method}/{seed}" + ("/quick" if args.quick else "")
+            if key in results:
+                continue
+            out = run_accuracy(dataset, model, kwargs, epochs, lr, method, seed, args.data_dir, args.quick)
+            results[key] = out
+            print(f"{key}: {out['acc']:.2f}% in {out['fit_s']:.0f}s", flush=True)
+            _save(store)
 
 
 # ---------------------------------------------------------------------------------------------------- speed
@@ -136,15 +144,22 @@ def _bp_step(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
     return step
 
 
-def _tpsgd_step(model: nn.Module, rule: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def _tpsgd_step(model: nn.Module, rule: str, lean: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
     from lightning_tpsgd import LocalLearner
 
-    learner = LocalLearner(model, rule=rule, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    learner = LocalLearner(model, rule=rule, lean=lean, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     return learner.step
 
 
 def _make_step(method: str, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    return _bp_step(model) if method == "bp" else _tpsgd_step(model, method.split("-", 1)[1])
+    """``"bp"``, ``"tpsgd-<rule>"`` or ``"tpsgd-<rule>-lean"``."""
+    if method == "bp":
+        return _bp_step(model)
+    parts = method.split("-")
+    return _tpsgd_step(model, parts[1], lean=parts[-1] == "lean")
+
+
+STEP_METHODS = ("bp", "tpsgd-ce", "tpsgd-l2", "tpsgd-ce-lean")
 
 
 def speed_part(args: argparse.Namespace, store: dict) -> None:
@@ -153,7 +168,7 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
     for name, (factory, shape) in _models().items():
         torch.manual_seed(0)
         x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-        runners = {m: _make_step(m, factory()) for m in ("bp", "tpsgd-ce", "tpsgd-l2")}
+        runners = {m: _make_step(m, factory()) for m in STEP_METHODS}
         for run in runners.values():  # warm-up (projections, allocator, Adam state)
             run(x, y)
         times: dict[str, list[float]] = {m: [] for m in runners}
@@ -237,7 +252,7 @@ def memory_child(method: str, model_name: str, steps: int) -> None:
 def memory_part(args: argparse.Namespace, store: dict) -> None:
     results = store.setdefault("memory", {})
     for model_name in ("convnet4", "cnn2", "mlp2"):
-        for method in ("bp", "tpsgd-ce", "tpsgd-l2"):
+        for method in STEP_METHODS:
             cmd = [sys.executable, "-m", "benchmarks.core", "--memory-child", method, model_name]
             # large blocks straight from mmap, so RSS follows what is allocated (no malloc arena slack)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -246,7 +261,7 @@ def memory_part(args: argparse.Namespace, store: dict) -> None:
             )
             results[f"{model_name}/{method}"] = json.loads(out.stdout.strip().splitlines()[-1])
         bp = results[f"{model_name}/bp"]
-        for method in ("tpsgd-ce", "tpsgd-l2"):
+        for method in STEP_METHODS[1:]:
             r = results[f"{model_name}/{method}"]
             r["rss_ratio"] = r["extra_peak_rss"] / bp["extra_peak_rss"]
             r["autograd_ratio"] = r["autograd_peak"] / bp["autograd_peak"]
@@ -300,32 +315,37 @@ def write_report(store: dict, command: str) -> None:
         "",
         "## Training throughput (samples/s, ratio to BP in the same process, batch 128)",
         "",
-        "| model | BP samples/s | tpsgd-ce ratio | tpsgd-l2 ratio |",
-        "|---|---|---|---|",
+        "| model | BP samples/s | tpsgd-ce | tpsgd-l2 | tpsgd-ce-lean |",
+        "|---|---|---|---|---|",
     ]
     speed = store.get("speed", {})
     for name in ("convnet4", "cnn2", "mlp2"):
         if f"{name}/bp" in speed:
-            lines.append(
-                f"| {name} | {speed[f'{name}/bp']['samples_per_s']:.0f} | {speed[f'{name}/tpsgd-ce']['ratio']:.2f}× "
-                f"| {speed[f'{name}/tpsgd-l2']['ratio']:.2f}× |"
+            ratios = " | ".join(
+                f"{speed.get(f'{name}/{m}', {}).get('ratio', float('nan')):.2f}×" for m in STEP_METHODS[1:]
             )
+            lines.append(f"| {name} | {speed[f'{name}/bp']['samples_per_s']:.0f} | {ratios} |")
     lines += [
         "",
         "## Peak training memory (ratio to BP's extra peak; fresh process per run, batch 128)",
         "",
-        "| model | BP extra peak RSS (MB) | BP autograd-held (MB) | ce RSS ratio | ce autograd ratio "
-        "| l2 RSS ratio | l2 autograd ratio |",
-        "|---|---|---|---|---|---|---|",
+        "Each cell: extra peak RSS ratio / autograd-held bytes ratio to BP (lower is better).",
+        "",
+        "| model | BP extra peak RSS (MB) | BP autograd-held (MB) | tpsgd-ce | tpsgd-l2 | tpsgd-ce-lean |",
+        "|---|---|---|---|---|---|",
     ]
     mem = store.get("memory", {})
     for name in ("convnet4", "cnn2", "mlp2"):
         if f"{name}/bp" in mem:
-            bp, ce, l2 = mem[f"{name}/bp"], mem[f"{name}/tpsgd-ce"], mem[f"{name}/tpsgd-l2"]
+            bp = mem[f"{name}/bp"]
+            cells = " | ".join(
+                f"{mem[f'{name}/{m}']['rss_ratio']:.2f} / {mem[f'{name}/{m}']['autograd_ratio']:.2f}"
+                if f"{name}/{m}" in mem
+                else "–"
+                for m in STEP_METHODS[1:]
+            )
             lines.append(
-                f"| {name} | {bp['extra_peak_rss'] / 2**20:.0f} | {bp['autograd_peak'] / 2**20:.0f} | "
-                f"{ce['rss_ratio']:.2f} | {ce['autograd_ratio']:.2f} | "
-                f"{l2['rss_ratio']:.2f} | {l2['autograd_ratio']:.2f} |"
+                f"| {name} | {bp['extra_peak_rss'] / 2**20:.0f} | {bp['autograd_peak'] / 2**20:.0f} | {cells} |"
             )
     lines += ["", "![core benchmark](core.png)", ""]
     (RESULTS / "core.md").write_text("\n".join(lines))
@@ -360,11 +380,11 @@ def _plot(store: dict) -> None:
     ):
         data = store.get(part, {})
         names = ["convnet4", "cnn2", "mlp2"]
-        for i, method in enumerate(("tpsgd-ce", "tpsgd-l2")):
+        for i, method in enumerate(STEP_METHODS[1:]):
             vals = [data.get(f"{n}/{method}", {}).get(key, 0) for n in names]
-            ax.bar([j + i * 0.35 for j in range(3)], vals, 0.35, label=method)
+            ax.bar([j + i * 0.25 for j in range(3)], vals, 0.25, label=method)
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([j + 0.17 for j in range(3)], names)
+        ax.set_xticks([j + 0.25 for j in range(3)], names)
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
@@ -375,6 +395,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("TPSGD_DATA_DIR", "../shared/data"))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--reference-seeds", type=int, default=1, help="seeds of the reference rows (random-feature control, l2)"
+    )
     parser.add_argument("--parts", nargs="+", default=["accuracy", "speed", "memory"])
     parser.add_argument("--quick", action="store_true", help="small subsets and 1 epoch (labelled in the report)")
     parser.add_argument("--fresh", action="store_true", help="ignore results saved by earlier runs")

@@ -241,6 +241,10 @@ class LocalLearner:
         overrides: per-layer options, ``{"<layer name or fnmatch pattern>": {"rule": ..., "target": ...,
             "projection": ..., "target_scale": ...}}``.
         validate: check labels and local losses every step (a small synchronisation cost).
+        lean: lean-memory mode for edge devices: projections are regenerated from their seed at every use
+            instead of stored, and Linear/Conv blocks whose tap is their (leaky) ReLU or the layer itself
+            build no autograd graph at all: their weight gradients are computed explicitly, a slice of the
+            batch at a time, so no output-sized target, loss or gradient buffer exists.
         grad_sync: data-parallel communication of the local gradients (set by ``TPSGDDDPStrategy``).
 
     Example:
@@ -269,6 +273,7 @@ class LocalLearner:
         output_layers: Sequence[str] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         validate: bool = True,
+        lean: bool = False,
         grad_sync: GradSync | None = None,
     ) -> None:
         _check_choice("schedule", schedule, _SCHEDULES)
@@ -286,6 +291,7 @@ class LocalLearner:
         self.loss_fn = loss_fn
         self.validate = validate
         self.grad_sync = grad_sync
+        self.lean = bool(lean)
         self.hidden = [b for b in self.blocks if not b.is_output]
         self.epochs_per_layer = _stage_epochs(schedule, epochs_per_layer, len(self.hidden) + 1)
         self._configure_blocks(rule, projection, conv_projection, target, target_scale, overrides or {})
@@ -297,7 +303,9 @@ class LocalLearner:
         self._losses: dict[str, Tensor] = {}
         self._labels: Tensor | None = None
         self._stage = 0 if schedule == "layerwise" else None
-        self._handles = [self._attach(b) for b in self.hidden]
+        self._stash: dict[int, Tensor] = {}  # lean mode: inputs of blocks that build no graph
+        self._grad_mode: list[bool] = []
+        self._handles = [h for b in self.hidden for h in self._attach(b)]
         self.set_epoch(0)
 
     # ------------------------------------------------------------------ configuration
@@ -345,16 +353,18 @@ class LocalLearner:
                 f"Hidden layers: {[b.name for b in self.hidden]}."
             )
 
-    def _attach(self, block: Block) -> Any:
+    def _attach(self, block: Block) -> list[Any]:
         if block.is_local_module:
-            return None
-        return block.tap.register_forward_hook(self._make_tap_hook(block))
+            return []
+        handles = [block.tap.register_forward_hook(self._make_tap_hook(block))]
+        if self.lean and _explicit_grad_ok(block):
+            handles.append(block.layer.register_forward_pre_hook(self._make_lean_pre_hook(block)))
+        return handles
 
     def close(self) -> None:
         """Remove the hooks and unfreeze every block; the model is then an ordinary module again."""
         for handle in self._handles:
-            if handle is not None:
-                handle.remove()
+            handle.remove()
         self._handles = []
         self._set_frozen(frozen=set())
 
@@ -399,11 +409,26 @@ class LocalLearner:
                 p.requires_grad_(block.index not in frozen)
 
     # ------------------------------------------------------------------ the local step
+    def _make_lean_pre_hook(self, block: Block) -> Callable[..., Any]:
+        """Lean mode: keep the block input and run the block (layer to tap) without recording a graph."""
+
+        def hook(module: nn.Module, inputs: Any) -> None:
+            if self._labels is not None and block.params[0].requires_grad and torch.is_grad_enabled():
+                self._stash[block.index] = inputs[0].detach()
+                self._grad_mode.append(True)
+                torch.set_grad_enabled(False)  # restored by the tap hook, or by local_training on errors
+
+        return hook
+
     def _make_tap_hook(self, block: Block) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: Any, h: Tensor) -> Tensor | None:
             if self._labels is None:  # evaluation, or a forward outside a training step
                 return None
-            if block.params[0].requires_grad:  # not frozen by the layer-wise schedule
+            x = self._stash.pop(block.index, None)
+            if x is not None:  # lean mode: explicit, chunked gradients; no graph was built
+                torch.set_grad_enabled(self._grad_mode.pop())
+                self._explicit_update(block, x, h)
+            elif block.params[0].requires_grad:  # not frozen by the layer-wise schedule
                 if not h.requires_grad:
                     raise RuntimeError(
                         f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
@@ -422,19 +447,8 @@ class LocalLearner:
         ``z`` is the tap's input: when the tap is a (leaky) ReLU, its derivative is applied to the loss
         gradient in place, so the step holds one output-sized buffer beyond the block's own tensors.
         """
-        assert self._labels is not None and block.rule is not None and block.projection is not None
-        if not block.projection.is_built:
-            self._build_projection(block.name, block.projection, tuple(h.shape[1:]), h.device, block.params[0].dtype)
-        P = block.projection.P
-        assert P is not None
-        if P.device != h.device:  # the model moved after the projection was built
-            P = block.projection.P = P.to(h.device)
-        if self.validate and tuple(P.shape[1:]) != tuple(h.shape[1:]):
-            raise ValueError(
-                f"Block '{block.name}' produced an output of shape {tuple(h.shape)} but its projection expects "
-                f"(B, {', '.join(map(str, P.shape[1:]))}). A block's output shape must not change between batches "
-                "(except the batch size)."
-            )
+        assert self._labels is not None and block.rule is not None
+        P = self._projection_of(block, h)
         if block.rule.closed_form:  # no autograd graph for the loss
             slope = _relu_slope(block.tap)
             if slope is not None and z is not None and z.requires_grad and z.shape == h.shape and z.is_contiguous():
@@ -454,6 +468,57 @@ class LocalLearner:
             loss = block.rule.projected_loss(h, self._labels, P)
             grads = torch.autograd.grad(loss, block.params, allow_unused=True)
             loss = loss.detach()
+        self._record(block, grads, loss)
+
+    def _projection_of(self, block: Block, h: Tensor) -> Tensor:
+        """The block's ``P`` on ``h``'s device: built at the first batch, or regenerated in lean mode."""
+        projection = block.projection
+        assert projection is not None
+        if self.lean or not projection.is_built:
+            self._build_projection(block.name, projection, tuple(h.shape[1:]), h.device, block.params[0].dtype)
+        P = projection.P
+        assert P is not None
+        if self.lean:
+            projection.P = None  # not stored: regenerated from the seed at the next use
+        elif P.device != h.device:  # the model moved after the projection was built
+            P = projection.P = P.to(h.device)
+        if self.validate and tuple(P.shape[1:]) != tuple(h.shape[1:]):
+            raise ValueError(
+                f"Block '{block.name}' produced an output of shape {tuple(h.shape)} but its projection expects "
+                f"(B, {', '.join(map(str, P.shape[1:]))}). A block's output shape must not change between batches "
+                "(except the batch size)."
+            )
+        return P
+
+    @torch.no_grad()
+    def _explicit_update(self, block: Block, x: Tensor, h: Tensor, chunks: int = 8) -> None:
+        """Lean mode: the local gradient of a Linear/Conv block computed by hand, a slice of the batch at a time.
+
+        Per slice: the rule's closed-form gradient into a slice-sized buffer, the (leaky) ReLU derivative,
+        then the layer's weight gradient (``conv*_weight`` / a matrix product) and bias gradient.
+        """
+        assert self._labels is not None and block.rule is not None
+        P = self._projection_of(block, h)
+        layer, slope = block.layer, _relu_slope(block.tap)
+        B, total = h.shape[0], h.numel()
+        size = max(1, -(-B // chunks))
+        buffer = torch.empty((size, *h.shape[1:]), dtype=h.dtype, device=h.device)
+        weight = torch.zeros_like(layer.weight)
+        bias = None if layer.bias is None else torch.zeros_like(layer.bias)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, B, size):
+            hc, xc, yc = h[start : start + size], x[start : start + size], self._labels[start : start + size]
+            part = hc.numel() / total
+            loss_c, g, c = block.rule.projected_loss_and_grad(hc, yc, P, out=buffer[: hc.shape[0]])
+            if slope is not None:
+                _relu_backward_(g, hc, slope)
+            g = g.mul_(c * part)
+            weight += _weight_grad(layer, xc, g).to(weight.dtype)
+            if bias is not None:
+                keep = 1 if isinstance(layer, _CONV_LAYERS) else g.ndim - 1  # the output-feature dimension
+                bias += g.sum(dim=[d for d in range(g.ndim) if d != keep]).to(bias.dtype)
+            loss += loss_c.float() * part
+        grads = [weight] + ([] if bias is None else [bias])
         self._record(block, grads, loss)
 
     def _record(self, block: Block, grads: Sequence[Tensor | None], loss: Tensor) -> None:
@@ -548,6 +613,10 @@ class LocalLearner:
             for block in local_modules:
                 block.layer.tpsgd_context = None
             self._labels = None
+            if self._grad_mode:  # a lean block's forward raised between its pre-hook and its tap
+                torch.set_grad_enabled(self._grad_mode[0])
+                self._grad_mode.clear()
+            self._stash.clear()
 
     def run(self, forward: Callable[[], Any], labels: Tensor) -> Any:
         """Call ``forward()`` inside :meth:`local_training`; returns ``None`` if a layer-wise stage stopped it."""
@@ -621,7 +690,7 @@ class LocalLearner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Projections (``P`` of every block), the seed and the schedule position."""
-        projections = {name: p.P for name, p in self._projections.items() if p.is_built}
+        projections = {name: p.P for name, p in self._projections.items() if p.is_built and not self.lean}
         state: dict[str, Any] = {"projections": projections, "seed": self.seed, "stage": self._stage}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
@@ -656,6 +725,28 @@ def _relu_slope(activation: nn.Module | None) -> float | None:
     if isinstance(activation, nn.LeakyReLU) and activation.negative_slope >= 0:
         return float(activation.negative_slope)
     return 0.0 if isinstance(activation, nn.ReLU) else None
+
+
+def _explicit_grad_ok(block: Block) -> bool:
+    """Whether lean mode can compute the block's gradient by hand (no graph): see ``_explicit_update``."""
+    layer, followers = block.layer, [m for _, m in block.followers]
+    tap_is_next = block.tap is layer or (bool(followers) and block.tap is followers[0])
+    if not (isinstance(layer, (nn.Linear, *_CONV_LAYERS)) and tap_is_next and block.rule is not None):
+        return False
+    if block.tap is not layer and _relu_slope(block.tap) is None:
+        return False
+    if isinstance(layer, _CONV_LAYERS) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        return False
+    return block.rule.closed_form and [p for p in layer.parameters()] == block.params
+
+
+def _weight_grad(layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """dL/dW of ``layer`` for input ``x`` and output gradient ``g`` (Linear, Conv1d, Conv2d)."""
+    x = x.to(g.dtype)  # under autocast the layer ran in lower precision, and so does its gradient
+    if isinstance(layer, nn.Linear):
+        return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    conv_weight = torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+    return conv_weight(x, layer.weight.shape, g, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def _relu_backward_(grad: Tensor, h: Tensor, slope: float) -> None:

@@ -39,6 +39,7 @@ _LEARNER_OPTIONS = (
     "output_layers",
     "overrides",
     "validate",
+    "lean",
 )
 
 
@@ -154,6 +155,8 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
         overrides: per-layer options, e.g. ``{"net.0": {"rule": "l1", "target": "pre"}}``.
         validate: check labels and local losses every step.
         log_local_losses: log each block's local loss as ``tpsgd/<layer>/loss``.
+        lean: lean-memory mode: projections regenerated from the seed, no graph and no output-sized
+            buffers for Linear/Conv blocks with a (leaky) ReLU (see ``LocalLearner``).
         device: the device to train on (default: the one the Trainer's accelerator picks).
     """
 
@@ -175,6 +178,7 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         validate: bool = True,
         log_local_losses: bool = True,
+        lean: bool = False,
         device: str | torch.device | None = None,
         **strategy_kwargs: Any,
     ) -> None:
@@ -239,6 +243,7 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         validate: bool = True,
         log_local_losses: bool = True,
+        lean: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(**ddp_kwargs)

@@ -356,3 +356,51 @@ def test_local_gradients_equal_autograd_of_the_local_loss(activation, rule):
     expected = torch.autograd.grad(learner.hidden[0].rule.projected_loss(h, y, P), list(model[0].parameters()))
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------- lean-memory mode
+@pytest.mark.parametrize("rule", ["l2", "ce", "l1", "drtp"])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda: [nn.Conv2d(1, 3, 3, padding=1, stride=2), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(48, 10)],
+        lambda: [nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)],
+        lambda: [nn.Conv1d(8, 4, 3), nn.Flatten(), nn.Linear(24, 10)],
+    ],
+    ids=["conv2d-leaky", "linear-relu", "conv1d-no-activation"],
+)
+def test_lean_mode_gives_the_same_gradients_without_a_graph(rule, layers):
+    x, y = batch(n=10, shape=(1, 8, 8))
+    if isinstance(layers()[0], nn.Conv1d):
+        x = x.view(10, 8, 8)
+    grads = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(*layers())
+        learner = LocalLearner(model, rule=rule, lean=lean)
+        with learner.local_training(y):
+            out = model(x)
+        grads.append(learner._pending[0])
+        if lean:
+            assert learner.state_dict()["projections"] == {}  # regenerated from the seed, never stored
+            assert learner.hidden[0].projection.P is None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert out.requires_grad  # the output layer still trains by backpropagation of the model's loss
+
+
+def test_lean_mode_falls_back_to_autograd_for_other_blocks():
+    learner = LocalLearner(cnn(), lean=True)  # block 0 has a batch norm between conv and activation
+    logs = learner.step(*batch())
+    assert set(logs) == {"0", "4", "loss"}
+    assert len(learner._handles) == 3  # two tap hooks, one lean pre-hook (block "4")
+
+
+def test_lean_mode_restores_grad_mode_after_an_error():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+    learner = LocalLearner(model, lean=True)
+    x, y = batch()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        learner.step(x, y)
+    assert torch.is_grad_enabled()

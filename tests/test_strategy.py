@@ -40,7 +40,9 @@ class Net(L.LightningModule):
 
 def loader(n=64, batch_size=16):
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)), batch_size)
+    return DataLoader(
+        TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)), batch_size
+    )
 
 
 def trainer(**kwargs):
@@ -230,3 +232,19 @@ def test_bf16_mixed_precision_trains():
     model = Net()
     trainer(strategy="tpsgd", precision="bf16-mixed", max_steps=2).fit(model, loader())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_16_mixed_loss_scaling_leaves_local_updates_unchanged():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    models = []
+    for scaled in (False, True):
+        model = Net()
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=scaled)
+        trainer(strategy="tpsgd", max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]).fit(model, loader())
+        models.append(model)
+    # the local gradients were multiplied by the loss scale and divided again by the scaler's unscale
+    initial = Net().net[0].weight
+    updates = [m.net[0].weight - initial for m in models]
+    assert updates[0].abs().max() > 1e-4
+    torch.testing.assert_close(updates[1], updates[0], rtol=2e-2, atol=1e-6)
