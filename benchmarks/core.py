@@ -401,9 +401,12 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["accuracy", "speed", "memory"])
     parser.add_argument("--quick", action="store_true", help="small subsets and 1 epoch (labelled in the report)")
     parser.add_argument("--fresh", action="store_true", help="ignore results saved by earlier runs")
+    parser.add_argument(
+        "--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (1 on a busy machine)"
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, steps=2)
         return
