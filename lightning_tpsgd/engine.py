@@ -303,6 +303,7 @@ class LocalLearner:
         self._losses: dict[str, Tensor] = {}
         self._labels: Tensor | None = None
         self._stage = 0 if schedule == "layerwise" else None
+        self._applied_stage: int | None = None
         self._stash: dict[int, Tensor] = {}  # lean mode: inputs of blocks that build no graph
         self._grad_mode: list[bool] = []
         self._handles = [h for b in self.hidden for h in self._attach(b)]
@@ -367,6 +368,7 @@ class LocalLearner:
             handle.remove()
         self._handles = []
         self._set_frozen(frozen=set())
+        self._applied_stage = None
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -392,7 +394,10 @@ class LocalLearner:
         """Move the layer-wise schedule to ``epoch`` (a no-op for the simultaneous schedule)."""
         if self.schedule != "layerwise":
             return
-        self._stage = self.stage_of_epoch(epoch)
+        stage = self.stage_of_epoch(epoch)
+        if stage == self._applied_stage:  # called every step by the strategy: only act on a change
+            return
+        self._stage = self._applied_stage = stage
         trained = self._stage_blocks()
         self._set_frozen({b.index for b in self.blocks if b.index not in trained})
 
