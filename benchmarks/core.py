@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._memory import SavedTensorMeter, reset_peak_rss, status_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = {  # paper Tables 2 and 3 (test accuracy, %)
     ("mnist", "mlp2"): {"tpsgd": 88.3},
@@ -191,43 +193,6 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def _status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status (this benchmark needs Linux).")
-
-
-class _SavedTensorMeter:
-    """Bytes of tensors held by autograd for backward (``saved_tensors_hooks``), current and peak."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, int] = {}
-        self.refs: dict[int, int] = {}
-        self.peak = 0
-
-    def pack(self, t: torch.Tensor) -> Any:
-        key = t.untyped_storage().data_ptr()
-        self.refs[key] = self.refs.get(key, 0) + 1
-        self.live[key] = t.untyped_storage().nbytes()
-        self.peak = max(self.peak, sum(self.live.values()))
-        return _Handle(self, key, t)
-
-    def release(self, key: int) -> None:
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            del self.refs[key], self.live[key]
-
-
-class _Handle:
-    def __init__(self, meter: _SavedTensorMeter, key: int, t: torch.Tensor) -> None:
-        self.meter, self.key, self.t = meter, key, t
-
-    def __del__(self) -> None:
-        self.meter.release(self.key)
-
-
 def memory_child(method: str, model_name: str, steps: int) -> None:
     """Runs in a fresh process: prints extra peak RSS and peak autograd-held bytes of ``steps`` steps."""
     torch.set_num_threads(2)
@@ -238,13 +203,12 @@ def memory_child(method: str, model_name: str, steps: int) -> None:
     run = _make_step(method, model)
     run(x, y)  # warm-up: optimizer state, projections, thread pools and kernel caches exist afterwards
     gc.collect()
-    base = _status_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base = reset_peak_rss()
     for _ in range(steps):
         run(x, y)
-    peak = _status_bytes("VmHWM")
-    meter = _SavedTensorMeter()  # then, separately, the bytes autograd holds for backward
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: h.t):
+    peak = status_bytes("VmHWM")
+    meter = SavedTensorMeter()  # then, separately, the bytes autograd holds for backward
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         run(x, y)
     print(json.dumps({"extra_peak_rss": peak - base, "autograd_peak": meter.peak}))
 
@@ -295,23 +259,31 @@ def write_report(store: dict, command: str) -> None:
         "**control** (hidden layers frozen at their random init, last layer trained), **bp** (backpropagation);",
         "all with Adam, batch 128, the same epochs, 5000 training images held out for validation.",
         "",
-        "| dataset | model | epochs | tpsgd-ce | tpsgd-l2 | control | bp | paper tpSGD / BP | target "
+        "| dataset | model | epochs | tpsgd-ce | tpsgd-l2 | control | bp | paper tpSGD / BP | target | met "
         "| fit time ce / bp (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     acc = store.get("accuracy", {})
     for dataset, model, _, epochs, _ in EXPERIMENTS:
-        cells, times = [], {}
+        cells, times, means = [], {}, {}
         for method in METHODS:
             runs = [v for k, v in acc.items() if k.startswith(f"{dataset}/{model}/{method}/")]
             cells.append(_mean_std([r["acc"] for r in runs]))
             times[method] = statistics.mean([r["fit_s"] for r in runs]) if runs else float("nan")
+            means[method] = statistics.mean([r["acc"] for r in runs]) if runs else float("nan")
         paper = PAPER[(dataset, model)]
+        target = TARGETS[(dataset, model)]
+        met = means["tpsgd-ce"] >= target and (dataset != "cifar10" or means["tpsgd-ce"] >= means["bp"] - 3)
         lines.append(
             f"| {dataset} | {model} | {epochs} | " + " | ".join(cells) + f" | {paper.get('tpsgd', '–')} / "
-            f"{paper.get('bp', '–')} | ≥ {TARGETS[(dataset, model)]} | {times['tpsgd-ce']:.0f} / {times['bp']:.0f} |"
+            f"{paper.get('bp', '–')} | ≥ {target} | {'yes' if met else '**no**'} | "
+            f"{times['tpsgd-ce']:.0f} / {times['bp']:.0f} |"
         )
     lines += [
+        "",
+        "CIFAR-10 must also be within 3 points of BP. On CIFAR-10 the shallow CNN's hidden convolutions are",
+        "trained towards per-position class targets that a 5x5 receptive field cannot predict for unaligned",
+        "objects; in our runs local training did not beat the random-feature control there (see the README).",
         "",
         "## Training throughput (samples/s, ratio to BP in the same process, batch 128)",
         "",

@@ -29,6 +29,8 @@ from torch import nn
 
 from lightning_tpsgd import LocalLearner
 
+from ._memory import reset_peak_rss, status_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -92,18 +94,10 @@ def _peak_tracker(device: torch.device) -> tuple[Callable[[], None], Callable[[]
 
         return reset, lambda: torch.cuda.max_memory_allocated() - reset.base  # type: ignore[attr-defined]
 
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
-
     def reset_cpu() -> None:
-        reset_cpu.base = status("VmRSS")  # type: ignore[attr-defined]
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
+        reset_cpu.base = reset_peak_rss()  # type: ignore[attr-defined]
 
-    return reset_cpu, lambda: status("VmHWM") - reset_cpu.base  # type: ignore[attr-defined]
+    return reset_cpu, lambda: status_bytes("VmHWM") - reset_cpu.base  # type: ignore[attr-defined]
 
 
 def measure(name: str, method: str, dtype: str, device: torch.device, quick: bool, steps: int) -> dict[str, float]:
