@@ -246,12 +246,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
-def write_report(store: dict, command: str) -> None:
+def write_report(store: dict) -> None:
+    commands = store.get("commands", {})
     lines = [
         "# Core benchmark: accuracy, throughput and memory of tpSGD vs backpropagation",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"Machine: {os.cpu_count()} CPU cores (shared with other jobs while measuring), torch {torch.__version__}.",
+        "Commands (run from the repository root, `../shared/data` holding the `.npz` files):",
+        "",
+        *[f"- {part}: `{cmd}`" for part, cmd in sorted(commands.items())],
         "",
         "## Accuracy (test split, mean ± std over seeds)",
         "",
@@ -370,7 +373,7 @@ def main() -> None:
     parser.add_argument(
         "--reference-seeds", type=int, default=1, help="seeds of the reference rows (random-feature control, l2)"
     )
-    parser.add_argument("--parts", nargs="+", default=["accuracy", "speed", "memory"])
+    parser.add_argument("--parts", nargs="*", default=["accuracy", "speed", "memory"], help="none: report only")
     parser.add_argument("--quick", action="store_true", help="small subsets and 1 epoch (labelled in the report)")
     parser.add_argument("--fresh", action="store_true", help="ignore results saved by earlier runs")
     parser.add_argument(
@@ -384,9 +387,11 @@ def main() -> None:
         return
     path = RESULTS / "core.json"
     store = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    command = "python -m benchmarks.core " + " ".join(sys.argv[1:])
     for part in args.parts:
+        store.setdefault("commands", {})[part] = command
         {"accuracy": accuracy_part, "speed": speed_part, "memory": memory_part}[part](args, store)
-    write_report(store, "python -m benchmarks.core " + " ".join(sys.argv[1:]))
+    write_report(store)
 
 
 if __name__ == "__main__":

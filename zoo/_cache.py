@@ -56,12 +56,14 @@ class FeatureCache:
 
     Pass ``cache_features=True`` to :class:`~zoo.TimmAdaptor` for a private cache, or one ``FeatureCache``
     to several adaptors on the same backbone and taps (e.g. seeds of a sweep) to share it. A cache is bound
-    to the first backbone that uses it; another backbone raises.
+    to the first backbone that uses it; another backbone raises. Storage grows in chunks of ``chunk_rows``
+    samples, so it never over-allocates by more than one chunk and never copies what it already holds.
 
     Args:
         directory: ``None`` keeps the features in memory; a folder stores them in memory-mapped files
             there (scratch files, deleted when the cache is garbage-collected or :meth:`clear`-ed).
         dtype: storage dtype of the features (``torch.float16`` halves the memory, at a small rounding cost).
+        chunk_rows: samples per storage chunk.
 
     Attributes:
         hits / misses: samples served from the cache / computed, since creation.
@@ -74,21 +76,26 @@ class FeatureCache:
         (4, 4)
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, directory: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, chunk_rows: int = 1024
+    ) -> None:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}.")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}.")
         self.directory = None if directory is None else Path(directory).expanduser()
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
+        self.chunk_rows = chunk_rows
         self.owner: str | None = None
         self.hits = 0
         self.misses = 0
         self._index: dict[tuple, int] = {}
-        self._store: list[Tensor] = []  # one (capacity, *shape) tensor per output
+        self._shapes: list[tuple[int, ...]] = []  # per-sample shape of each output
+        self._chunks: list[list[Tensor]] = []  # chunk -> one (chunk_rows, *shape) tensor per output
         self._files: list[Path] = []
         self._size = 0
-        self._reserved = 0
         self._finalizer = weakref.finalize(self, _remove_files, self._files)
 
     def __len__(self) -> int:
@@ -100,8 +107,8 @@ class FeatureCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the stored features (allocated capacity)."""
-        return sum(t.numel() * t.element_size() for t in self._store)
+        """Bytes held by the stored features (allocated chunks)."""
+        return sum(t.numel() * t.element_size() for chunk in self._chunks for t in chunk)
 
     def bind(self, owner: str) -> None:
         """Tie the cache to one backbone (its signature); using it with another one raises.
@@ -116,14 +123,11 @@ class FeatureCache:
             )
         self.owner = owner
 
-    def reserve(self, n: int) -> None:
-        """Pre-size the storage for ``n`` samples in total (avoids regrowing it while the cache fills)."""
-        self._reserved = max(self._reserved, int(n))
-
     def clear(self) -> None:
         """Drop every stored feature (and delete the memory-mapped files)."""
         self._index.clear()
-        self._store.clear()
+        self._chunks.clear()
+        self._shapes = []
         _remove_files(self._files)
         self._size = 0
 
@@ -138,21 +142,24 @@ class FeatureCache:
             One tensor per output, ``(B, ...)``, on ``x``'s device, in the storage dtype.
         """
         keys = self._keys(x)
-        rows = [self._index.get(k) for k in keys]
         missing: dict[tuple, int] = {}  # key -> position of its first occurrence in the batch
-        for pos, (key, row) in enumerate(zip(keys, rows, strict=True)):
-            if row is None and key not in missing:
+        for pos, key in enumerate(keys):
+            if key not in self._index and key not in missing:
                 missing[key] = pos
         if missing:
-            positions = list(missing.values())
-            feats = [f.detach() for f in compute(x[positions])]
+            feats = [f.detach() for f in compute(x[list(missing.values())])]
             self._append(list(missing), feats)
-            rows = [self._index[k] for k in keys]
         n_missed = sum(1 for k in keys if k in missing)
         self.misses += n_missed
         self.hits += len(keys) - n_missed
-        index = torch.as_tensor(rows, dtype=torch.long)
-        return [store.index_select(0, index).to(x.device, non_blocking=True) for store in self._store]
+        rows = torch.as_tensor([self._index[k] for k in keys], dtype=torch.long)
+        chunk_of, offset = rows // self.chunk_rows, rows % self.chunk_rows
+        outs = [torch.empty((len(keys), *shape), dtype=self.dtype) for shape in self._shapes]
+        for c in chunk_of.unique().tolist():
+            sel = (chunk_of == c).nonzero().squeeze(1)
+            for out, store in zip(outs, self._chunks[c], strict=True):
+                out[sel] = store.index_select(0, offset[sel])
+        return [out.to(x.device, non_blocking=True) for out in outs]
 
     # ------------------------------------------------------------------ internals
     def _keys(self, x: Tensor) -> list[tuple]:
@@ -160,35 +167,26 @@ class FeatureCache:
         return [(int(a), int(b), shape) for a, b in fingerprint(x).cpu().tolist()]
 
     def _append(self, keys: list[tuple], feats: Sequence[Tensor]) -> None:
-        if not self._store:
-            self._allocate([tuple(f.shape[1:]) for f in feats], max(self._reserved, 2 * len(keys), 64))
-        shapes = [tuple(t.shape[1:]) for t in self._store]
         got = [tuple(f.shape[1:]) for f in feats]
-        if got != shapes:
+        if not self._shapes:
+            self._shapes = got
+        if got != self._shapes:
             raise ValueError(
-                f"The backbone returned features of shapes {got} but the cache holds {shapes}: the input size "
+                f"The backbone returned features of shapes {got} but the cache holds {self._shapes}: the input size "
                 "changed between batches. Feed one image size per cache, or pass cache_features=False."
             )
-        start, n = self._size, len(keys)
-        if start + n > self._store[0].shape[0]:
-            self._grow(max(2 * self._store[0].shape[0], start + n))
-        for store, f in zip(self._store, feats, strict=True):
-            store[start : start + n].copy_(f.to("cpu", self.dtype))
-        for offset, key in enumerate(keys):
-            self._index[key] = start + offset
-        self._size += n
-
-    def _allocate(self, shapes: list[tuple[int, ...]], capacity: int) -> None:
-        self._store = [self._new_tensor((capacity, *shape)) for shape in shapes]
-
-    def _grow(self, capacity: int) -> None:
-        old, old_files = self._store, list(self._files)
-        self._files.clear()
-        self._store = [self._new_tensor((capacity, *t.shape[1:])) for t in old]
-        for new, prev in zip(self._store, old, strict=True):
-            new[: self._size].copy_(prev[: self._size])
-        del old
-        _remove_files(old_files)
+        done = 0
+        while done < len(keys):
+            c, off = divmod(self._size, self.chunk_rows)
+            if c == len(self._chunks):
+                self._chunks.append([self._new_tensor((self.chunk_rows, *shape)) for shape in self._shapes])
+            n = min(len(keys) - done, self.chunk_rows - off)
+            for store, f in zip(self._chunks[c], feats, strict=True):
+                store[off : off + n].copy_(f[done : done + n].to("cpu", self.dtype))
+            for i in range(n):
+                self._index[keys[done + i]] = self._size + i
+            self._size += n
+            done += n
 
     def _new_tensor(self, shape: tuple[int, ...]) -> Tensor:
         if self.directory is None:

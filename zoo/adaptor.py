@@ -15,6 +15,7 @@ This is the only module of the project that imports timm.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -25,12 +26,12 @@ import timm
 import timm.data
 import torch
 import torch.nn.functional as F
-from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet, FeatureListNet
+from timm.models._features import FeatureInfo
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tpsgd.engine import find_blocks
-from zoo._cache import FeatureCache, fingerprint
+from zoo._cache import FeatureCache
 from zoo._weights import PACKAGE_WEIGHTS, StateDict, package_state_dict, read_state_dict
 from zoo.classifier import _OPTIMIZERS, _SCHEDULERS
 
@@ -47,7 +48,6 @@ __all__ = [
 _ADAPTORS = ("paper", "transfer")
 _COMBINE = ("mean", "concat")
 _PADDING = ("auto", "same", "valid")
-_FEATURE_NETS = (FeatureListNet, FeatureDictNet, FeatureHookNet, FeatureGetterNet)
 _PAPER_DEFAULTS: dict[str, Any] = {
     "filters": 64,
     "kernel_size": 5,
@@ -187,7 +187,7 @@ def backbone_data_config(backbone: str | nn.Module, img_size: int | None = None)
 
     Args:
         backbone: a timm model name, a timm model, or a :class:`TimmAdaptor`.
-        img_size: override the square input size (the pretrained size by default).
+        img_size: override the square input size (default: a TimmAdaptor's ``img_size``, else the pretrained size).
 
     Returns:
         ``{"input_size": (3, H, W), "interpolation", "mean", "std", "crop_pct", "crop_mode"}``, as
@@ -198,6 +198,8 @@ def backbone_data_config(backbone: str | nn.Module, img_size: int | None = None)
         (0.5, 0.5, 0.5)
     """
     cfg = _pretrained_cfg(backbone)
+    if img_size is None and isinstance(backbone, TimmAdaptor):
+        img_size = backbone.img_size
     args = {} if img_size is None else {"input_size": (cfg.get("input_size", (3,))[0], img_size, img_size)}
     return timm.data.resolve_data_config(args=args, pretrained_cfg=cfg)
 
@@ -213,7 +215,7 @@ def backbone_transform(
 
     Args:
         backbone: a timm model name, a timm model, or a :class:`TimmAdaptor`.
-        img_size: output size (the pretrained size by default).
+        img_size: output size (default: a TimmAdaptor's ``img_size``, else the pretrained size).
         is_training: timm's training augmentation instead of the evaluation transform.
     """
     return timm.data.create_transform(**backbone_data_config(backbone, img_size), is_training=is_training)
@@ -288,7 +290,9 @@ class _Renormalize(nn.Module):
             )
         if any(s <= 0 for s in input_std):
             raise ValueError(f"input_std must be positive, got {tuple(input_std)}.")
-        im, is_, m, s = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (input_mean, input_std, mean, std))
+        im, is_, m, s = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (input_mean, input_std, mean, std)
+        )
         self.register_buffer("scale", is_ / s)
         self.register_buffer("shift", (im - m) / s)
 
@@ -320,7 +324,9 @@ class _FrozenBackbone(nn.Module):
 
 def _resolve_taps(taps: Sequence[int], num_features: int) -> list[int]:
     if isinstance(taps, (int, str)) or not isinstance(taps, Sequence) or not taps:
-        raise TypeError(f"taps must be a non-empty sequence of feature indices, e.g. taps=(-1,) or (2, 3, 4); got {taps!r}.")
+        raise TypeError(
+            f"taps must be a non-empty sequence of feature indices, e.g. taps=(-1,) or (2, 3, 4); got {taps!r}."
+        )
     resolved = []
     for t in taps:
         if isinstance(t, bool) or not isinstance(t, int):
@@ -328,8 +334,8 @@ def _resolve_taps(taps: Sequence[int], num_features: int) -> list[int]:
         idx = num_features + t if t < 0 else t
         if not 0 <= idx < num_features:
             raise ValueError(
-                f"Tap {t} is out of range: the backbone has {num_features} feature levels (indices 0..{num_features - 1} "
-                f"or -{num_features}..-1, see model.feature_info)."
+                f"Tap {t} is out of range: the backbone has {num_features} feature levels (indices "
+                f"0..{num_features - 1} or -{num_features}..-1, see model.feature_info)."
             )
         resolved.append(idx)
     if any(b <= a for a, b in zip(resolved, resolved[1:], strict=False)):
@@ -340,11 +346,16 @@ def _resolve_taps(taps: Sequence[int], num_features: int) -> list[int]:
     return resolved
 
 
+def _is_feature_net(model: nn.Module) -> bool:
+    """A timm ``features_only`` model: it returns its feature maps and describes them with a ``FeatureInfo``."""
+    return isinstance(getattr(model, "feature_info", None), FeatureInfo)
+
+
 def _feature_levels(model: nn.Module) -> int:
     info = getattr(model, "feature_info", None)
     if info is None:
         raise ValueError(f"{type(model).__name__} has no feature_info; pass a timm model (or its name) as backbone.")
-    return len(info) if not hasattr(info, "out_indices") else len(info.out_indices)
+    return len(info.out_indices) if isinstance(info, FeatureInfo) else len(info)
 
 
 def _build_frozen_backbone(
@@ -352,7 +363,7 @@ def _build_frozen_backbone(
 ) -> tuple[_FrozenBackbone, nn.Module | None]:
     """Prune/wrap ``model`` (in place) and return it with the classifier to train (transfer baseline only)."""
     if transfer:
-        if isinstance(model, _FEATURE_NETS) or not hasattr(model, "reset_classifier"):
+        if _is_feature_net(model) or not hasattr(model, "reset_classifier"):
             raise ValueError(
                 f"adaptor='transfer' re-trains the backbone's classifier, but {type(model).__name__} has none "
                 "(a features_only model?). Pass the full timm model or its name."
@@ -362,7 +373,7 @@ def _build_frozen_backbone(
         head = model.get_classifier()
         model.reset_classifier(0)  # the backbone now returns pooled pre-logit features
         return _FrozenBackbone(model, "pooled", [], renormalize), head
-    if isinstance(model, _FEATURE_NETS):
+    if _is_feature_net(model):
         return _FrozenBackbone(model, "feature_net", _resolve_taps(taps, _feature_levels(model)), renormalize), None
     if not hasattr(model, "forward_intermediates"):
         raise ValueError(
@@ -413,7 +424,7 @@ class TimmAdaptor(L.LightningModule):
         cache_features: ``True`` computes each distinct input's tap features once and reuses them in later
             epochs (train, val and test steps; ``forward`` never caches); a :class:`FeatureCache` shares one
             cache between several adaptors on the same backbone and taps. The data must not be randomly
-            augmented: an epoch after the first that misses more than a batch of samples raises.
+            augmented: more distinct training inputs than training samples raises.
         feature_cache_dir: with ``cache_features=True``, store the features in memory-mapped scratch files in
             this folder instead of in memory.
         img_size: square input size used to size the adaptors (default: the backbone's pretrained size).
@@ -443,7 +454,7 @@ class TimmAdaptor(L.LightningModule):
 
     Example:
         >>> import lightning as L
-        >>> model = TimmAdaptor("tf_efficientnet_lite0", num_classes=10, pretrained=True, img_size=112)  # doctest: +SKIP
+        >>> model = TimmAdaptor("tf_efficientnet_lite0", 10, pretrained=True, img_size=112)  # doctest: +SKIP
         >>> L.Trainer(strategy="tpsgd", max_epochs=5).fit(model, datamodule=...)  # doctest: +SKIP
     """
 
@@ -529,8 +540,8 @@ class TimmAdaptor(L.LightningModule):
             self.feature_cache = FeatureCache(feature_cache_dir)
         if self.feature_cache is not None:
             self.feature_cache.bind(self._signature())
-        self._epoch_misses = 0
-        self._max_batch = 0
+        self._train_size: int | None = None
+        self._train_misses = 0
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -597,17 +608,18 @@ class TimmAdaptor(L.LightningModule):
                 m.train(mode)
         if tuple(out.shape) != (2, num_classes):
             raise ValueError(
-                f"The adaptors produce outputs of shape {tuple(out.shape[1:])} per sample but num_classes={num_classes}. "
-                "With combine='mean' each adaptor must return (B, num_classes) logits."
+                f"The adaptors produce outputs of shape {tuple(out.shape[1:])} per sample but "
+                f"num_classes={num_classes}. With combine='mean' each adaptor must return (B, num_classes) logits."
             )
 
     def _signature(self) -> str:
         """Identity of the frozen feature extractor (name, taps, weights), for sharing a FeatureCache."""
-        tensors = list(self.backbone.state_dict().values())
-        flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors if t.is_floating_point()])
-        digest = fingerprint(flat.unsqueeze(0))[0].tolist()
+        digest = hashlib.blake2b(digest_size=16)
+        for name, t in self.backbone.state_dict().items():
+            digest.update(name.encode())
+            digest.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
         mode = "pooled" if self.backbone.mode == "pooled" else f"taps={list(self.taps)}"
-        return f"{self.backbone_name}|{mode}|{digest[0]:x}{digest[1]:x}"
+        return f"{self.backbone_name}|{mode}|{digest.hexdigest()}"
 
     # ------------------------------------------------------------------ properties
     @property
@@ -673,10 +685,19 @@ class TimmAdaptor(L.LightningModule):
         before = self.feature_cache.misses
         feats = self.feature_cache.get(x, self.extract)
         if self.training:
-            self._epoch_misses += self.feature_cache.misses - before
-            self._max_batch = max(self._max_batch, x.shape[0])
-        dtype = next(p for p in self.parameters() if p.requires_grad).dtype
+            self._train_misses += self.feature_cache.misses - before
+            self._check_cache_growth()
+        dtype = next(p for m in (self.adaptors, self.head) if m is not None for p in m.parameters()).dtype
         return [f.to(dtype) for f in feats]
+
+    def _check_cache_growth(self) -> None:
+        """A deterministic dataset of N samples has at most N distinct inputs; more means random augmentation."""
+        if self._train_size is not None and self._train_misses > self._train_size:
+            raise RuntimeError(
+                f"cache_features: the training data produced {self._train_misses} distinct inputs, more than its "
+                f"{self._train_size} samples, so it yields different tensors each epoch (random augmentation?) and "
+                "the feature cache would only grow. Remove the random augmentation, or set cache_features=False."
+            )
 
     # ------------------------------------------------------------------ Lightning hooks
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
@@ -702,30 +723,9 @@ class TimmAdaptor(L.LightningModule):
         return self._shared_step(batch, "test")
 
     def on_train_start(self) -> None:
-        """Pre-size the feature cache for the training and validation sets, when their sizes are known."""
-        if self.feature_cache is None:
-            return
-        total = 0
-        for loader in (self.trainer.train_dataloader, self.trainer.val_dataloaders):
-            for dl in loader if isinstance(loader, (list, tuple)) else [loader]:
-                try:
-                    total += len(dl.dataset)
-                except (AttributeError, TypeError):
-                    pass
-        self.feature_cache.reserve(len(self.feature_cache) + total)
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_misses = 0
-
-    def on_train_epoch_end(self) -> None:
-        """Fail when cached features keep missing: the data changes every epoch (random augmentation)."""
-        if self.feature_cache is not None and self.current_epoch >= 1 and self._epoch_misses > self._max_batch:
-            raise RuntimeError(
-                f"cache_features: {self._epoch_misses} training samples of epoch {self.current_epoch} were not in the "
-                "feature cache although every sample was seen before, so the dataset yields different tensors each "
-                "epoch (random augmentation?). The cache would only grow. Remove the random augmentation, or set "
-                "cache_features=False."
-            )
+        """Note the training set's size, to detect random augmentation (see ``cache_features``)."""
+        self._train_size = _dataset_len(self.trainer.train_dataloader)
+        self._train_misses = 0
 
     def configure_optimizers(self) -> Any:
         """One optimizer over the trainable parameters (adaptors/head) and, if ``scheduler`` is set, its schedule."""
@@ -742,6 +742,13 @@ class TimmAdaptor(L.LightningModule):
             )
         scheduler = _SCHEDULERS[hp.scheduler](optimizer, max_epochs=max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _dataset_len(loader: Any) -> int | None:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _validate_args(

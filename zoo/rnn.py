@@ -71,7 +71,13 @@ def _rnn_classifier(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     rnn = RNN(
-        input_size, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=bidirectional, **rnn_kwargs
+        input_size,
+        hidden_size,
+        num_layers=num_layers,
+        batch_first=True,
+        bidirectional=bidirectional,
+        return_sequences=False,  # the head reads the final states only: no (T, B, H) buffer in the local step
+        **rnn_kwargs,
     )
     head: list[nn.Module] = []
     width = hidden_size * rnn.num_directions
@@ -86,18 +92,6 @@ def _rnn_classifier(
     return model
 
 
-def _rnn_options(
-    nonlinearity: str, time_reduction: str, projection: str | None, init: str, init_scale: float | None
-) -> dict[str, Any]:
-    return dict(
-        nonlinearity=nonlinearity,
-        time_reduction=time_reduction,
-        projection=projection,
-        init=init,
-        init_scale=init_scale,
-    )
-
-
 _ARGS_DOC = """
     Args:
         num_classes: Number of output classes C.
@@ -110,6 +104,9 @@ _ARGS_DOC = """
         projection: Projection kind of the recurrent targets; ``None`` picks it from the rule.
         init: ``"uniform"`` or ``"zeros"`` initial recurrent weights.
         init_scale: Bound of the uniform init; ``None`` gives 1/sqrt(hidden_size).
+        center_targets: Subtract the class mean from the recurrent targets (see :class:`lightning_tpsgd.nn.RNN`).
+        grad_dtype: dtype of the local pseudo-gradient products (``"bfloat16"`` is faster on CPUs and GPUs
+            with bfloat16 matrix units); ``None`` uses the parameters' dtype.
         freeze_rnn: Freeze the recurrent layer at its random initial weights (the "random RNN" control).
 """
 
@@ -124,6 +121,8 @@ def rnn1(
     projection: str | None = None,
     init: str = "uniform",
     init_scale: float | None = None,
+    center_targets: bool = True,
+    grad_dtype: str | None = None,
     freeze_rnn: bool = False,
 ) -> nn.Sequential:
     """Single-layer RNN with a linear classifier (paper Table 5).
@@ -145,7 +144,15 @@ def rnn1(
         mlp_hidden=(),
         negative_slope=0.01,
         freeze_rnn=freeze_rnn,
-        rnn_kwargs=_rnn_options(nonlinearity, time_reduction, projection, init, init_scale),
+        rnn_kwargs=dict(
+            nonlinearity=nonlinearity,
+            time_reduction=time_reduction,
+            projection=projection,
+            init=init,
+            init_scale=init_scale,
+            center_targets=center_targets,
+            grad_dtype=grad_dtype,
+        ),
     )
 
 
@@ -161,6 +168,8 @@ def rnn2(
     projection: str | None = None,
     init: str = "uniform",
     init_scale: float | None = None,
+    center_targets: bool = True,
+    grad_dtype: str | None = None,
     freeze_rnn: bool = False,
 ) -> nn.Sequential:
     """Two stacked recurrent layers with a two-layer perceptron (paper Table 7).
@@ -183,7 +192,15 @@ def rnn2(
         mlp_hidden=(mlp_hidden,),
         negative_slope=negative_slope,
         freeze_rnn=freeze_rnn,
-        rnn_kwargs=_rnn_options(nonlinearity, time_reduction, projection, init, init_scale),
+        rnn_kwargs=dict(
+            nonlinearity=nonlinearity,
+            time_reduction=time_reduction,
+            projection=projection,
+            init=init,
+            init_scale=init_scale,
+            center_targets=center_targets,
+            grad_dtype=grad_dtype,
+        ),
     )
 
 
@@ -197,6 +214,8 @@ def birnn1(
     projection: str | None = None,
     init: str = "uniform",
     init_scale: float | None = None,
+    center_targets: bool = True,
+    grad_dtype: str | None = None,
     freeze_rnn: bool = False,
 ) -> nn.Sequential:
     """Single-layer bidirectional RNN with a linear classifier (paper Table 8).
@@ -219,7 +238,15 @@ def birnn1(
         mlp_hidden=(),
         negative_slope=0.01,
         freeze_rnn=freeze_rnn,
-        rnn_kwargs=_rnn_options(nonlinearity, time_reduction, projection, init, init_scale),
+        rnn_kwargs=dict(
+            nonlinearity=nonlinearity,
+            time_reduction=time_reduction,
+            projection=projection,
+            init=init,
+            init_scale=init_scale,
+            center_targets=center_targets,
+            grad_dtype=grad_dtype,
+        ),
     )
 
 

@@ -4,6 +4,8 @@
 - :class:`MNISTDataModule`, :class:`CIFAR10DataModule`: read from a ``.npz`` file, a torchvision root
   or Hugging Face ``datasets`` (``source="auto"`` picks the first available), decoded once and kept in
   memory as normalized float tensors.
+- :class:`SeqMNISTDataModule`, :class:`EEGSeizureDataModule`, :class:`Sentiment140DataModule`: the
+  sequence tasks of the paper's recurrent experiments (Table 6), as batch-first ``(B, T, F)`` sequences.
 - :class:`ImagenetteDataModule`: Imagenette for the adaptor experiments, from the offline JPEG ``.npz`` or
   Hugging Face, normalized with the backbone's mean/std.
 
@@ -20,6 +22,12 @@ from lightning_tpsgd.data._common import (
 )
 from lightning_tpsgd.data.digits import DigitsDataModule
 from lightning_tpsgd.data.imagenette import ImagenetteDataModule
+from lightning_tpsgd.data.sequences import (
+    SEQ_MNIST_MODES,
+    EEGSeizureDataModule,
+    Sentiment140DataModule,
+    SeqMNISTDataModule,
+)
 from lightning_tpsgd.data.vision import VALID_SOURCES, CIFAR10DataModule, MNISTDataModule
 
 __all__ = [
@@ -29,8 +37,12 @@ __all__ = [
     "CIFAR10DataModule",
     "DatasetUnavailableError",
     "DigitsDataModule",
+    "EEGSeizureDataModule",
     "ImagenetteDataModule",
     "MNISTDataModule",
+    "SEQ_MNIST_MODES",
+    "SeqMNISTDataModule",
+    "Sentiment140DataModule",
     "load_npz_arrays",
     "resolve_cache_dir",
     "resolve_data_dir",

@@ -202,7 +202,11 @@ class ImagenetteDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must have 3 values (one per RGB channel), got {tuple(value)}.")
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {tuple(std)}.")
-        for name, value, low in (("image_size", image_size, 8), ("batch_size", batch_size, 1), ("val_size", val_size, 0)):
+        for name, value, low in (
+            ("image_size", image_size, 8),
+            ("batch_size", batch_size, 1),
+            ("val_size", val_size, 0),
+        ):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}.")
         for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -287,7 +291,9 @@ class ImagenetteDataModule(L.LightningDataModule):
         for split, name in (("train", "train"), ("test", test_split)):
             part = ds[name]
             if "image" not in part.column_names or "label" not in part.column_names:
-                raise ValueError(f"The {name!r} split of {call} needs 'image' and 'label' columns; has {part.column_names}.")
+                raise ValueError(
+                    f"The {name!r} split of {call} needs 'image' and 'label' columns; has {part.column_names}."
+                )
             images = torch.empty((len(part), 3, self.image_size, self.image_size), dtype=torch.uint8)
             for i, img in enumerate(part["image"]):
                 img = img.convert("RGB").resize((self.image_size, self.image_size), resample)
@@ -306,7 +312,9 @@ class ImagenetteDataModule(L.LightningDataModule):
                 self.resolved_source = f"npz:{npz}"
                 self._arrays = self._load_npz(npz)
                 return self._arrays
-            tried.append(f"npz: {npz} does not exist" if npz else f"npz: no data_dir given and ${DATA_DIR_ENV} is not set")
+            tried.append(
+                f"npz: {npz} does not exist" if npz else f"npz: no data_dir given and ${DATA_DIR_ENV} is not set"
+            )
             if self.source == "npz":
                 raise self._unavailable(tried)
         self.resolved_source = f"hf:{self.hf_name}"

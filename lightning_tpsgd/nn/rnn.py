@@ -31,24 +31,27 @@ __all__ = ["RNN"]
 RULE_PROJECTIONS: dict[str, str] = {"l1": "binary", "drtp": "orthogonal", "l2": "uniform"}
 _TIME_REDUCTIONS = ("sum", "mean")
 _INITS = ("uniform", "zeros")
+_GRAD_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class _Activation:
-    """A nonlinearity, its in-place form and ``backward(grad, output) = grad * σ'(z)`` written with σ(z)."""
+    """A nonlinearity, its in-place form, its in-place backward written with σ(z), and its midpoint σ(0)."""
 
     fn: Callable[[Tensor], Tensor]
     fn_: Callable[[Tensor], Tensor]
-    backward: Callable[[Tensor, Tensor], Tensor]
+    backward_: Callable[..., Tensor]  # backward_(grad, output, grad_input=grad): grad *= σ'(z), in place
+    midpoint: float
 
 
 _ACTIVATIONS: dict[str, _Activation] = {
-    "sigmoid": _Activation(torch.sigmoid, torch.sigmoid_, torch.ops.aten.sigmoid_backward),
-    "tanh": _Activation(torch.tanh, torch.tanh_, torch.ops.aten.tanh_backward),
+    "sigmoid": _Activation(torch.sigmoid, torch.sigmoid_, torch.ops.aten.sigmoid_backward.grad_input, 0.5),
+    "tanh": _Activation(torch.tanh, torch.tanh_, torch.ops.aten.tanh_backward.grad_input, 0.0),
 }
 
-#: ``rule_grad(h_t, y, B_t) -> (J_t, dJ_t/dh_t)`` for one time step: h_t (B, H), y (B,), B_t (C, H).
-_RuleGrad = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+#: ``rule_grad(h_t, y, B_t, out) -> J_t`` for one time step, writing dJ_t/dh_t into ``out``:
+#: h_t and out (B, H), y (B,), B_t (C, H).
+_RuleGrad = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class RNN(LocalModule):
@@ -143,7 +146,9 @@ class RNN(LocalModule):
         projection: str | None = None,
         init: str = "uniform",
         init_scale: float | None = None,
-        per_step_targets: bool = True,
+        return_sequences: bool = True,
+        center_targets: bool = True,
+        grad_dtype: str | None = None,
         chunk_size: int = 32,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -157,6 +162,8 @@ class RNN(LocalModule):
         _check_choice("nonlinearity", nonlinearity, tuple(_ACTIVATIONS))
         _check_choice("time_reduction", time_reduction, _TIME_REDUCTIONS)
         _check_choice("init", init, _INITS)
+        if grad_dtype is not None:
+            _check_choice("grad_dtype", grad_dtype, tuple(_GRAD_DTYPES))
         if projection is not None:
             _check_choice("projection", projection, [p for p in list_projections() if p != "filter"])
         if init_scale is not None and (not math.isfinite(init_scale) or init_scale < 0):
@@ -172,7 +179,10 @@ class RNN(LocalModule):
         self.projection = projection
         self.init = init
         self.init_scale = init_scale
-        self.per_step_targets = per_step_targets
+        self.return_sequences = return_sequences
+        self.center_targets = center_targets
+        self.grad_dtype = grad_dtype
+        self._grad_dtype = None if grad_dtype is None else _GRAD_DTYPES[grad_dtype]
         self.chunk_size = chunk_size
         self._act = _ACTIVATIONS[nonlinearity]
 
@@ -246,6 +256,9 @@ class RNN(LocalModule):
             output, h_n = self._forward_autograd(x, h0)
         else:
             output, h_n = self._forward_local(x, h0, context)
+        if not self.return_sequences:  # the final states of the last layer's directions, concatenated
+            output = h_n[-self.num_directions :].transpose(0, 1).reshape(h_n.shape[1], -1)
+            return (output, h_n) if batched else (output.squeeze(0), h_n.squeeze(1))
         if not batched:
             return output.squeeze(1), h_n.squeeze(1)
         return (output.transpose(0, 1) if self.batch_first else output), h_n
@@ -254,7 +267,7 @@ class RNN(LocalModule):
         """Validate the shapes; return the time-major input (T, B, F) and h0 (num_layers·D, B, H)."""
         if input.dim() not in (2, 3):
             raise ValueError(
-                f"RNN expects a 3-D batched input ({'(B, T, F)' if self.batch_first else '(T, B, F)'}) or a 2-D "
+                f"RNN expects a 3-D batched input {'(B, T, F)' if self.batch_first else '(T, B, F)'} or a 2-D "
                 f"unbatched input (T, F), got shape {tuple(input.shape)}."
             )
         batched = input.dim() == 3
@@ -278,22 +291,26 @@ class RNN(LocalModule):
             raise ValueError(f"RNN expects hx of shape {shown}, got {tuple(hx.shape)}.")
         return x, h0
 
-    def _forward_autograd(self, x: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_autograd(self, x: Tensor, h0: Tensor) -> tuple[Tensor | None, Tensor]:
         """Ordinary differentiable unrolled loop (BPTT when a loss is back-propagated through it)."""
-        layer_input, finals = x, []
+        layer_input: Tensor | None = x
+        finals = []
         for layer in range(self.num_layers):
+            keep = self.return_sequences or layer < self.num_layers - 1  # the next layer reads the sequence
             outputs = []
             for d, suffix in enumerate(self._suffixes):
+                assert layer_input is not None
                 out, h_last = _autograd_cell(
                     layer_input,
                     h0[layer * self.num_directions + d],
                     *self._cell_params(layer, suffix),
                     act=self._act,
                     reverse=d == 1,
+                    keep_sequence=keep,
                 )
                 outputs.append(out)
                 finals.append(h_last)
-            layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            layer_input = (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]) if keep else None
         return layer_input, torch.stack(finals)
 
     @torch.no_grad()
@@ -311,41 +328,37 @@ class RNN(LocalModule):
         weight = self.weight_hh_l0
         x = x.to(weight.dtype)
         hidden, directions = self.hidden_size, self.num_directions
-        grads: dict[str, Tensor | None] = {}
+        grads: dict[str, Tensor] = {}
         total_loss = torch.zeros((), device=weight.device, dtype=weight.dtype)
         layer_input, finals = x, []
         for layer in range(self.num_layers):
-            output = x.new_empty(seq_len, batch, hidden * directions)
+            keep = self.return_sequences or layer < self.num_layers - 1  # the next layer reads the sequence
+            output = x.new_empty(seq_len, batch, hidden * directions) if keep else None
             for d, suffix in enumerate(self._suffixes):
-                params = self._cell_params(layer, suffix)
-                if self.per_step_targets:
-                    P = context.projection(f"l{layer}{suffix}", (seq_len, hidden), kind=kind)
-                else:  # one B for every step
-                    P = context.projection(f"l{layer}{suffix}", (1, hidden), kind=kind)
-                    P = P.expand(P.shape[0], seq_len, hidden)
+                P = context.projection(f"l{layer}{suffix}", (seq_len, hidden), kind=kind)
                 if P.shape[1:] != (seq_len, hidden):
                     raise ValueError(
                         f"RNN '{context.block}' layer {layer}{suffix} needs a projection of shape (C, {seq_len}, "
                         f"{hidden}) but got {tuple(P.shape)}. Every batch must have the same sequence length T."
                     )
-                out = output[..., d * hidden : (d + 1) * hidden]
-                cell_grads, loss = _local_cell(
+                cell_grads, loss, h_last = _local_cell(
                     layer_input,
                     h0[layer * directions + d],
-                    *params,
-                    out=out,
+                    *self._cell_params(layer, suffix),
+                    out=None if output is None else output[..., d * hidden : (d + 1) * hidden],
                     P=P,
                     labels=labels,
                     rule_grad=rule_grad,
                     act=self._act,
                     reverse=d == 1,
+                    center=self.center_targets,
                     chunk_size=self.chunk_size,
                     mean_over_time=self.time_reduction == "mean",
+                    grad_dtype=self._grad_dtype,
                 )
-                for kind_name, g in cell_grads.items():
-                    grads[f"{kind_name}_l{layer}{suffix}"] = g
+                grads.update({f"{name}_l{layer}{suffix}": g for name, g in cell_grads.items()})
                 total_loss += loss
-                finals.append(out[-1] if d == 0 else out[0])
+                finals.append(h_last)
             layer_input = output
         context.submit([grads[name] for name, p in self.named_parameters() if p.requires_grad], total_loss)
         return layer_input, torch.stack(finals)
@@ -362,12 +375,13 @@ def _autograd_cell(
     *,
     act: _Activation,
     reverse: bool,
-) -> tuple[Tensor, Tensor]:
+    keep_sequence: bool,
+) -> tuple[Tensor | None, Tensor]:
     """One direction of one layer, differentiable.
 
     Shape:
         - x: (T, B, F); h0: (B, H)
-        - returns: ``(output (T, B, H), h_last (B, H))``
+        - returns: ``(output (T, B, H) or None unless keep_sequence, h_last (B, H))``
     """
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     steps = F.linear(x, w_ih, bias).unbind(0)  # the input projection of all steps in one matmul
@@ -377,7 +391,7 @@ def _autograd_cell(
     for t in range(len(steps) - 1, -1, -1) if reverse else range(len(steps)):
         h = act.fn(torch.addmm(steps[t], h, w_hh_t))
         outputs[t] = h
-    return torch.stack(outputs), h
+    return (torch.stack(outputs) if keep_sequence else None), h
 
 
 def _local_cell(
@@ -388,24 +402,29 @@ def _local_cell(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     *,
-    out: Tensor,
+    out: Tensor | None,
     P: Tensor,
     labels: Tensor,
     rule_grad: _RuleGrad,
     act: _Activation,
     reverse: bool,
+    center: bool,
     chunk_size: int,
     mean_over_time: bool,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """One direction of one layer with frozen weights; writes the hidden states into ``out``.
+    grad_dtype: torch.dtype | None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """One direction of one layer with frozen weights: the hidden states, the pseudo-gradients, the loss.
 
-    The time steps are processed in chunks (in the cell's own order, backwards when ``reverse``). For each
-    chunk: the input projection, the recurrence, the targets ``P[labels, s]`` of its steps ``s``, the
-    ``D_t`` and their contribution to the pseudo-gradients. So nothing but ``out`` grows with ``T``.
+    The time steps are processed in chunks, in the cell's own order (backwards when ``reverse``). For each
+    chunk: the input projection, the recurrence, then per step the rule's gradient against ``B_s = P[:, s]``
+    (minus its class mean and with ``h`` measured from σ(0) when ``center``), ``D_t`` and the chunk's share
+    of eq. (4). The hidden states go to ``out`` when the caller needs the sequence, otherwise to a chunk-sized
+    scratch buffer, so nothing grows with ``T`` but ``out``.
 
     Shape:
-        - x: (T, B, F); h0: (B, H); out: (T, B, H), possibly a strided view; P: (C, T, H)
-        - returns: ``({"weight_ih": (H, F), "weight_hh": (H, H)[, "bias_ih": (H,), "bias_hh": (H,)]}, loss)``
+        - x: (T, B, F); h0: (B, H); out: (T, B, H) (possibly a strided view) or None; P: (C, T, H)
+        - returns: ``({"weight_ih": (H, F), "weight_hh": (H, H)[, "bias_ih": (H,), "bias_hh": (H,)]}, loss,
+          h_last (B, H))``
     """
     seq_len, batch, features = x.shape
     hidden = w_hh.shape[0]
@@ -414,56 +433,86 @@ def _local_cell(
     loss = torch.zeros((), device=w_hh.device, dtype=w_hh.dtype)
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     w_ih_t, w_hh_t = w_ih.t(), w_hh.t()
+    midpoint = act.midpoint if center else 0.0
+    scratch = carry = None
+    if out is None:
+        scratch = x.new_empty(min(chunk_size, seq_len), batch, hidden)
+        carry = x.new_empty(batch, hidden)
     h = h0
     for s0 in range(0, seq_len, chunk_size):
         s1 = min(s0 + chunk_size, seq_len)
         a, b = (seq_len - s1, seq_len - s0) if reverse else (s0, s1)  # positions of the chunk, ascending
+        buf = out[a:b] if out is not None else scratch[: b - a]
+        if carry is not None and s0 > 0:
+            h = carry.copy_(h)  # the state before the chunk lives in the scratch buffer about to be overwritten
+        h_start = h
         xs = x[a:b].reshape(-1, features)
         xw = (torch.mm(xs, w_ih_t) if bias is None else torch.addmm(bias, xs, w_ih_t)).view(b - a, -1, hidden)
-        positions = range(b - 1, a - 1, -1) if reverse else range(a, b)
-        for p in positions:
-            torch.addmm(xw[p - a], h, w_hh_t, out=out[p])
-            act.fn_(out[p])
-            h = out[p]
-        # D_t = dJ_t/dh_{t+1} ⊙ σ'(z_{t+1}): the rule's gradient at each step s (position p) against P[:, s]
-        grad_h = torch.empty(b - a, batch, hidden, device=out.device, dtype=out.dtype)
+        buf.copy_(xw)  # z = x W_X + b, then h W_H is added in place step by step
+        del xw
+        for i in range(b - a - 1, -1, -1) if reverse else range(b - a):
+            act.fn_(buf[i].addmm_(h, w_hh_t))
+            h = buf[i]
+        # D_t = dJ_t/dh_{t+1} ⊙ σ'(z_{t+1}), J_t the rule against B_s for the cell's step s at position a + i
+        grad_h = torch.empty(b - a, batch, hidden, device=x.device, dtype=x.dtype)
         for i in range(b - a):
-            step_loss, grad_h[i] = rule_grad(out[a + i], labels, P[:, seq_len - 1 - a - i if reverse else a + i])
-            loss += step_loss
-        D = act.backward(grad_h, out[a:b])
+            B_s = P[:, seq_len - 1 - a - i if reverse else a + i]
+            if center:
+                B_s = B_s - B_s.mean(0)
+            h_i = buf[i] if midpoint == 0.0 else buf[i] - midpoint
+            loss += rule_grad(h_i, labels, B_s, grad_h[i])
+        D = act.backward_(grad_h, buf, grad_input=grad_h)
         if mean_over_time:
             D.div_(seq_len)
-        D_flat = D.view(-1, hidden)
-        g_ih.addmm_(D_flat.t(), xs)
-        g_b += D_flat.sum(0)
-        # H_t, the state each step started from: the previous position's output, or h0 for the cell's first step
+        g_b += D.view(-1, hidden).sum(0)
+        if grad_dtype is not None:  # the products below dominate the cost of the local step
+            D = D.to(grad_dtype)
+        _add_product(g_ih, D.view(-1, hidden), xs)
+        # H_t, the state each step started from: h_start for the chunk's first step, else the previous position
         if reverse:
-            starts_cell = b == seq_len
-            D_h0, D_rest, H_rest = D[-1], (D[:-1] if starts_cell else D), out[a + 1 : min(b + 1, seq_len)]
+            _add_product(g_hh, D[-1], h_start)
+            _add_product(g_hh, D[:-1].reshape(-1, hidden), buf[1:].reshape(-1, hidden))
         else:
-            starts_cell = a == 0
-            D_h0, D_rest, H_rest = D[0], (D[1:] if starts_cell else D), out[max(a - 1, 0) : b - 1]
-        if starts_cell:
-            g_hh.addmm_(D_h0.t(), h0)
-        if D_rest.shape[0]:
-            g_hh.addmm_(D_rest.reshape(-1, hidden).t(), H_rest.reshape(-1, hidden))
+            _add_product(g_hh, D[0], h_start)
+            _add_product(g_hh, D[1:].reshape(-1, hidden), buf[:-1].reshape(-1, hidden))
     grads = {"weight_ih": g_ih, "weight_hh": g_hh}
     if b_ih is not None:
         grads.update(bias_ih=g_b, bias_hh=g_b.clone())
-    return grads, loss / seq_len if mean_over_time else loss
+    return grads, (loss / seq_len if mean_over_time else loss), h
+
+
+def _add_product(grad: Tensor, D: Tensor, inputs: Tensor) -> None:
+    """``grad += D^T @ inputs``, computed in ``D``'s dtype (bfloat16 when ``grad_dtype`` asks for it).
+
+    Shape:
+        - grad: (H, F); D: (N, H); inputs: (N, F)
+    """
+    if D.dtype == grad.dtype:
+        grad.addmm_(D.t(), inputs)
+    else:
+        grad.add_(torch.mm(D.t(), inputs.to(D.dtype)))
 
 
 def _rule_grad(rule: LocalRule) -> _RuleGrad:
-    """Resolve a rule once into ``(h_t, y, B_t) -> (J_t, dJ_t/dh_t)`` for one time step."""
+    """Resolve a rule once into ``(h_t, y, B_t, out) -> J_t`` that writes ``dJ_t/dh_t`` into ``out``."""
     if rule.closed_form:
-        return rule.projected_loss_and_grad
 
-    def autograd_grad(h: Tensor, y: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
+        def closed_form(h: Tensor, y: Tensor, P: Tensor, out: Tensor) -> Tensor:
+            loss, g, c = rule.projected_loss_and_grad(h, y, P, out=out)  # dJ/dh = c * g, g written into out
+            if g is not out:
+                out.copy_(g)
+            out.mul_(c)
+            return loss
+
+        return closed_form
+
+    def autograd_grad(h: Tensor, y: Tensor, P: Tensor, out: Tensor) -> Tensor:
         with torch.enable_grad():
             leaf = h.clone().requires_grad_()  # a graph for the loss of this step only
             loss = rule.projected_loss(leaf, y, P)
             (grad,) = torch.autograd.grad(loss, leaf)
-        return loss.detach(), grad
+        out.copy_(grad)
+        return loss.detach()
 
     return autograd_grad
 

