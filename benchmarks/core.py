@@ -242,8 +242,9 @@ def _save(store: dict) -> None:
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def write_report(store: dict) -> None:

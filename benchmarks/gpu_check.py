@@ -44,7 +44,7 @@ def _models(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, 
     def adaptor() -> nn.Module:
         from zoo import TimmAdaptor
 
-        return TimmAdaptor("tf_efficientnet_lite0", num_classes=10, pretrained=False)
+        return TimmAdaptor("tf_efficientnet_lite0", num_classes=10, pretrained=False, img_size=112)
 
     return {
         "cnn2": (lambda: create_model("cnn2", num_classes=10, in_chans=1, input_size=28), (1, 28, 28), batch, None),
@@ -127,6 +127,11 @@ def measure(name: str, method: str, dtype: str, device: torch.device, quick: boo
     return {"samples_per_s": steps * batch / seconds, "peak_bytes": peak(), "batch": batch}
 
 
+def _ratio(value: int, reference: int) -> str:
+    """A memory ratio, or "–" when the reference is under 1 MiB (too small to compare on CPU)."""
+    return f"{value / reference:.2f}" if reference >= 2**20 else "–"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +152,7 @@ def main() -> None:
                 rows.append(
                     f"| {name} | {dtype} | {r['batch']} | {bp['samples_per_s']:.0f} | {r['samples_per_s']:.0f} | "
                     f"{r['samples_per_s'] / bp['samples_per_s']:.2f}× | {bp['peak_bytes'] / 2**20:.0f} | "
-                    f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / max(bp['peak_bytes'], 1):.2f} | {method} |"
+                    f"{r['peak_bytes'] / 2**20:.0f} | {_ratio(r['peak_bytes'], bp['peak_bytes'])} | {method} |"
                 )
                 print(rows[-1], flush=True)
             results[f"{name}/{dtype}/bp"] = bp
