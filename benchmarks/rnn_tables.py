@@ -44,6 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._memory import SavedTensorMeter, reset_peak_rss, status_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "rnn_tables"
 
@@ -288,43 +290,6 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def _status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status (this benchmark needs Linux).")
-
-
-class _SavedTensorMeter:
-    """Bytes of the distinct storages autograd holds for backward (``saved_tensors_hooks``), peak."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, int] = {}
-        self.refs: dict[int, int] = {}
-        self.peak = 0
-
-    def pack(self, t: torch.Tensor) -> Any:
-        key = t.untyped_storage().data_ptr()
-        self.refs[key] = self.refs.get(key, 0) + 1
-        self.live[key] = t.untyped_storage().nbytes()
-        self.peak = max(self.peak, sum(self.live.values()))
-        return _Handle(self, key, t)
-
-    def release(self, key: int) -> None:
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            del self.refs[key], self.live[key]
-
-
-class _Handle:
-    def __init__(self, meter: _SavedTensorMeter, key: int, t: torch.Tensor) -> None:
-        self.meter, self.key, self.t = meter, key, t
-
-    def __del__(self) -> None:
-        self.meter.release(self.key)
-
-
 def memory_child(method: str, data_dir: str, steps: int = 2) -> None:
     """Runs in a fresh process: extra peak RSS and autograd-held bytes of a training step at T=784."""
     from lightning_tpsgd import LocalLearner
@@ -352,15 +317,14 @@ def memory_child(method: str, data_dir: str, steps: int = 2) -> None:
 
     run(x, y)  # warm-up: optimizer state, projections and thread pools exist afterwards
     gc.collect()
-    base = _status_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base = reset_peak_rss()
     start = time.perf_counter()
     for _ in range(steps):
         run(x, y)
     step_s = (time.perf_counter() - start) / steps
-    peak = _status_bytes("VmHWM")
-    meter = _SavedTensorMeter()
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda h: h.t):
+    peak = status_bytes("VmHWM")
+    meter = SavedTensorMeter()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         run(x, y)
     print(json.dumps({"extra_peak_rss": peak - base, "autograd_peak": meter.peak, "step_s": step_s}))
 
