@@ -1,8 +1,9 @@
 """The tpSGD engine: split a model into blocks, give each hidden block a projected target, train it locally.
 
-Reading order for newcomers: :func:`find_blocks` (what a block is) → :meth:`LocalLearner._tap_hook`
-(projection → local loss → local gradient, then detach) → :meth:`LocalLearner.commit_grads` (hand the
-local gradients to the optimizer) → :meth:`LocalLearner.step` (a whole training step in pure PyTorch).
+Reading order for newcomers: :func:`find_blocks` (what a block is) → :meth:`LocalLearner._make_tap_hook`
+and :meth:`LocalLearner._local_update` (projection → local loss → local gradient, then detach) →
+:meth:`LocalLearner.commit_grads` (hand the local gradients to the optimizer) → :meth:`LocalLearner.step`
+(a whole training step in pure PyTorch).
 
 A *block* is a trainable layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or a
 :class:`~lightning_tpsgd.nn.LocalModule`) with the modules registered after it up to the next trainable
@@ -449,8 +450,9 @@ class LocalLearner:
     def _local_update(self, block: Block, h: Tensor, z: Tensor | None = None) -> None:
         """Projection → local loss → gradient of the block's parameters; the block's graph is freed here.
 
-        ``z`` is the tap's input: when the tap is a (leaky) ReLU, its derivative is applied to the loss
-        gradient in place, so the step holds one output-sized buffer beyond the block's own tensors.
+        ``z`` is the tap's input: when the tap is a (leaky) ReLU, the loss gradient is written into ``z``'s
+        storage and the activation's derivative applied in place, so the step needs no output-sized buffer
+        beyond the block's own tensors.
         """
         assert self._labels is not None and block.rule is not None
         P = self._projection_of(block, h)
