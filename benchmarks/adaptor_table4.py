@@ -16,9 +16,9 @@ Imagenette at 112 px. Every row runs in a fresh process of this script, which re
   1000-image holdout of the training set instead, which is what the hyperparameters were chosen on);
 - trained-parameter size in MB (10^6 bytes, float32);
 - peak RSS of the process (VmHWM), and the part above the RSS right after the imports;
-- time per epoch with cached features (``cache_features=True``; the mean over epochs whose features were
-  all cached) and without (the same module with ``cache_features=False``, timed over ``--uncached-batches``
-  batches and scaled to a full epoch).
+- time per epoch with cached features (``cache_features=True``; the median over epochs whose features were
+  all cached) and without (the same module with ``cache_features=False``: the median of ``--uncached-batches``
+  batch times, scaled to a full epoch). Medians, because a shared machine only ever adds time.
 
 The seeds of a row share one :class:`zoo.FeatureCache`, so the frozen backbone runs once per image and
 process. Only the public API is used. Writes ``benchmarks/results/adaptor_table4.{md,json,png}``.
@@ -197,7 +197,7 @@ def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, uncach
     batch_timer = BatchTimer()
     trainer.callbacks.append(batch_timer)
     trainer.fit(uncached, datamodule=dm)
-    per_batch = statistics.mean(batch_timer.times[warmup:])
+    per_batch = statistics.median(batch_timer.times[warmup:])
     return {
         "row": row,
         "method": method,
@@ -207,7 +207,7 @@ def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, uncach
         "trained_params": module.trainable_parameters,
         "peak_rss_mb": peak_kb / 1024,
         "rss_after_imports_mb": rss_imports_kb / 1024,
-        "epoch_cached_s": statistics.mean(cached_epochs) if cached_epochs else None,
+        "epoch_cached_s": statistics.median(cached_epochs) if cached_epochs else None,
         "epoch_first_s": statistics.mean(first_epochs) if first_epochs else None,
         "epoch_uncached_s": per_batch * n_batches,
         "uncached_batches_timed": len(batch_timer.times) - warmup,
@@ -258,7 +258,7 @@ def write_report(results: dict[str, dict], command: str, args: argparse.Namespac
         "",
         "Notes:",
         "- *Epoch, uncached* is the same module with `cache_features=False` (frozen backbone + adaptor every batch), "
-        "timed over a few batches and scaled to the epoch's batch count; *cached* is the mean over epochs whose "
+        "the median batch time scaled to the epoch's batch count; *cached* is the median over epochs whose "
         "features were all in the cache; *first epoch* is the epoch that filled the cache (backbone, adaptor and "
         "caching, i.e. an uncached epoch measured over the whole training set).",
         "- Times are wall-clock on a shared 2-core CPU machine; compare the columns of one row (one process).",
