@@ -6,6 +6,7 @@ Usage::
     python -m benchmarks.rnn_tables --data-dir ../shared/data --tables 5 --datasets rows  # one cell group
     python -m benchmarks.rnn_tables --parts speed memory                                  # no accuracy runs
     python -m benchmarks.rnn_tables --quick                                                # minutes, subsets
+    python -m benchmarks.rnn_tables --parts                                                # report only
 
 Columns of every table (test accuracy, mean ± std over seeds):
 
@@ -493,7 +494,13 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
-    parser.add_argument("--parts", nargs="+", default=["accuracy", "speed", "memory"])
+    parser.add_argument(
+        "--parts",
+        nargs="*",
+        default=["accuracy", "speed", "memory"],
+        choices=["accuracy", "speed", "memory"],
+        help="what to run; no value: only rewrite the report from the saved results",
+    )
     parser.add_argument("--speed-batches", type=int, default=None, help="batches per timed epoch (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="small subsets (labelled in the report)")

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tpsgd import LocalLearner
 from lightning_tpsgd.nn import RNN, LocalContext
-from lightning_tpsgd.rules import CallableRule, create_rule
+from lightning_tpsgd.rules import CallableRule, create_rule, list_rules
 from zoo import SequenceClassifier, create_model
 
 pytestmark = pytest.mark.filterwarnings(
@@ -212,6 +212,17 @@ def test_local_gradients_equal_a_per_time_step_computation(rule, bidirectional, 
     ref_out, ref_h = rnn(x)
     torch.testing.assert_close(output, ref_out)
     torch.testing.assert_close(h_n, ref_h)
+
+
+@pytest.mark.parametrize("rule", list_rules())
+def test_every_registered_rule_trains_the_rnn(rule):
+    torch.manual_seed(0)
+    rnn = RNN(F_IN, H, bidirectional=True)
+    store: dict = {}
+    rnn.tpsgd_context = _context(rule, torch.tensor([0, 2, 1, 2]), store, dtype=torch.float32)
+    rnn(torch.randn(T, B, F_IN))
+    assert len(store["grads"]) == 8 and torch.isfinite(store["loss"])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in store["grads"])
 
 
 def test_mean_reduction_divides_the_sum_by_the_sequence_length():

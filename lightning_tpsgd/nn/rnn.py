@@ -73,12 +73,13 @@ class RNN(LocalModule):
         \nabla W_H = \sum_t H_t^\top D_t, \quad \nabla W_X = \sum_t X_t^\top D_t, \quad
         \nabla b_H = \nabla b_X = \sum_t \mathbf{1}^\top D_t
 
-    Here :math:`J` is the block's local rule: ``"l1"`` (tpSGD-ℓ1, eq. (5): :math:`\operatorname{sign}(h - T)`),
-    ``"l2"`` or ``"drtp"`` (:math:`-T`), or any callable loss (applied to each time step through autograd).
-    The optimizer descends these gradients, which is eq. (2)–(3) with the sign absorbed. ``time_reduction``
-    sums them over the time steps (the paper's :math:`\sum_t`) or averages them. Memory grows with the
-    sequence length only by the returned hidden states: inputs, targets and the :math:`D_t` are processed
-    in chunks of ``chunk_size`` time steps.
+    Here :math:`J` is the block's local rule, applied to each time step: ``"l1"`` (tpSGD-ℓ1, eq. (5):
+    :math:`\operatorname{sign}(h - T)`), ``"l2"``, ``"drtp"`` (:math:`-T`), ``"ce"``, or any callable loss
+    (through autograd, one step at a time). The optimizer descends these gradients, which is eq. (2)–(3) with
+    the sign absorbed. ``time_reduction`` sums them over the time steps (the paper's :math:`\sum_t`) or
+    averages them. No autograd graph is built: the inputs, targets and :math:`D_t` are processed in chunks of
+    ``chunk_size`` steps, so the memory of the local step grows with ``T`` only by the hidden states that are
+    returned, and not at all for the last layer when ``return_sequences=False``.
 
     In a stack, layer ``k`` reads the hidden-state sequence of layer ``k - 1`` and trains on its own
     targets. A bidirectional layer has a forward and a backward cell, each with its own projection. The
@@ -91,12 +92,20 @@ class RNN(LocalModule):
     ``bias_hh_l{k}`` are :math:`b_X` and :math:`b_H`. A ``tanh`` model can therefore load a
     ``torch.nn.RNN`` state dict.
 
-    .. note:: Departures from the paper. (1) Both weight groups are updated from the same forward pass;
-       the paper's "W_X frozen while W_H is updated" holds within the step, since every gradient is
-       computed before the optimizer moves any weight. (2) The orthogonal projection orthogonalises the
-       rows of the whole ``(C, T·H)`` matrix, so the rows of each ``B_t`` are orthogonal only
-       approximately (cosines of order :math:`1/\sqrt{H}`). (3) The optimizer is whatever the
-       LightningModule configures (Adam in the zoo), not plain SGD.
+    .. note:: Departures from the paper.
+
+       - ``center_targets`` (default ``True``) subtracts from every :math:`B_t` its mean over the classes,
+         and the rule compares :math:`h - \sigma(0)` (0.5 for sigmoid, 0 for tanh) with the target. The
+         paper's eq. (5) is ``center_targets=False``. Without centring, the part of the targets shared by
+         all classes drives every unit into saturation through the recurrence within a few dozen steps,
+         and the hidden state stops depending on the input (we measured chance-level features on
+         Seq-MNIST). DRTP is unaffected by the :math:`\sigma(0)` offset.
+       - Both weight groups are updated from the same forward pass. The paper's "W_X frozen while W_H is
+         updated" holds within the step, since every gradient is computed before the optimizer moves any
+         weight.
+       - The orthogonal projection orthogonalises the rows of the whole ``(C, T·H)`` matrix, so the rows of
+         each :math:`B_t` are orthogonal only approximately (cosines of order :math:`1/\sqrt{H}`).
+       - The optimizer is whatever the LightningModule configures (Adam in the zoo), not plain SGD.
 
     Args:
         input_size: F, the number of input features per time step.
@@ -105,7 +114,8 @@ class RNN(LocalModule):
         bias: learn ``b_X`` and ``b_H``.
         batch_first: inputs and outputs are ``(B, T, F)`` instead of ``(T, B, F)`` (``h_n`` is unaffected).
         bidirectional: add a backward cell to every layer; the outputs are concatenated.
-        nonlinearity: ``"sigmoid"`` (the paper's cell) or ``"tanh"`` (:class:`torch.nn.RNN`'s default).
+        nonlinearity: ``"sigmoid"`` (the paper's cell) or ``"tanh"`` (:class:`torch.nn.RNN`'s default;
+            zero-centred, it trains faster with local targets).
         time_reduction: accumulate the per-step pseudo-gradients and losses as a ``"sum"`` (paper eq. (4))
             or a ``"mean"`` over the time steps.
         projection: projection kind of the targets (``"binary"``, ``"orthogonal"``, ``"uniform"``,
@@ -113,6 +123,14 @@ class RNN(LocalModule):
             DRTP, ``"uniform"`` otherwise.
         init: initial weights: ``"uniform"`` (:math:`U(-s, s)`) or ``"zeros"`` (paper §2.4 allows both).
         init_scale: ``s`` of the uniform init; default :math:`1/\sqrt{H}`, as in :class:`torch.nn.RNN`.
+        return_sequences: return the last layer's hidden-state sequence as ``output`` (as
+            :class:`torch.nn.RNN`). ``False`` returns its final states instead, (B, D·H), like Keras'
+            ``return_sequences=False``; the local step then keeps no (T, B, H) buffer for the last layer.
+        center_targets: remove the class-independent part of the targets (see the note).
+        grad_dtype: dtype of the two matrix products of eq. (4) (``"bfloat16"``, ``"float32"``,
+            ``"float64"``); ``None`` uses the parameters' dtype. ``"bfloat16"`` makes the local step much
+            cheaper on hardware with bfloat16 matrix units; the forward pass keeps the parameters' dtype and
+            the gradients are accumulated in it.
         chunk_size: time steps processed together when computing the local targets and gradients.
             Larger chunks run faster and use more memory.
         device: device of the parameters.
@@ -122,8 +140,8 @@ class RNN(LocalModule):
         - input: (T, B, F), or (B, T, F) when ``batch_first``, or (T, F) unbatched
         - hx: (num_layers·D, B, H) or (num_layers·D, H) unbatched; default zeros. D = 2 if bidirectional
         - returns: ``(output, h_n)``. ``output`` is (T, B, D·H) (or (B, T, D·H)), the last layer's hidden
-          states. ``h_n`` is (num_layers·D, B, H), the final state of every layer and direction. Both
-          carry no autograd graph while the module trains locally.
+          states, or (B, D·H) with ``return_sequences=False``. ``h_n`` is (num_layers·D, B, H), the final
+          state of every layer and direction. Both carry no autograd graph while the module trains locally.
 
     Example:
         >>> rnn = RNN(28, 64, batch_first=True)
