@@ -58,7 +58,9 @@ def run(out: Path, devices: int, batch_size: int, strategy: str, epochs: int = 4
     script = out / "train.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, str(script), str(out), str(devices), str(batch_size), strategy, str(epochs)]
-    subprocess.run(cmd, check=True, timeout=900, capture_output=True)
+    done = subprocess.run(cmd, timeout=900, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stderr[-4000:]}")
     return json.loads((out / "result.json").read_text())
 
 
