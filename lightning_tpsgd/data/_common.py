@@ -8,6 +8,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
@@ -156,3 +157,35 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Loaders shared by the in-memory DataModules: subclasses fill ``train_dataset``, ``val_dataset``
+    (``None`` for no validation) and ``test_dataset`` in ``setup`` and set ``batch_size``, ``num_workers``."""
+
+    train_dataset: Dataset
+    val_dataset: Dataset | None
+    test_dataset: Dataset
+    batch_size: int
+    num_workers: int
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches ``(x, y)``."""
+        self.setup()
+        return make_loader(self.train_dataset, self.batch_size, True, self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches; an empty list (Lightning then skips validation) when there is no validation set."""
+        self.setup()
+        if self.val_dataset is None:
+            return []
+        return make_loader(self.val_dataset, self.batch_size, False, self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in a fixed order."""
+        self.setup()
+        return make_loader(self.test_dataset, self.batch_size, False, self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, for ``trainer.predict``."""
+        return self.test_dataloader()

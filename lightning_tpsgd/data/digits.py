@@ -1,17 +1,16 @@
 """scikit-learn's bundled 8x8 digits as a LightningDataModule (fully offline, loads in milliseconds)."""
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_tpsgd.data._common import make_loader
+from lightning_tpsgd.data._common import InMemoryDataModule
 
 DIGITS_TEST_FRACTION = 0.2
 """Fraction of the 1797 digits held out as the test set."""
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(InMemoryDataModule):
     """The UCI optical digits bundled with scikit-learn (``sklearn.datasets.load_digits``).
 
     1797 grayscale 8x8 images of the digits 0-9, read from the copy shipped inside scikit-learn: no
@@ -95,24 +94,3 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_dataset = subset(train)
         self.val_dataset = subset(val) if n_val > 0 else None
         self.test_dataset = subset(test)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        self.setup()
-        return make_loader(self.train_dataset, self.batch_size, True, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches; an empty list (validation skipped) when ``val_fraction == 0``."""
-        self.setup()
-        if self.val_dataset is None:
-            return []
-        return make_loader(self.val_dataset, self.batch_size, False, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches (360 samples), in a fixed order."""
-        self.setup()
-        return make_loader(self.test_dataset, self.batch_size, False, self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test set, for ``trainer.predict``."""
-        return self.test_dataloader()

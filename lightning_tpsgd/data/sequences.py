@@ -22,18 +22,17 @@ from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from lightning_tpsgd.data._common import (
     DATA_DIR_ENV,
     DatasetUnavailableError,
+    InMemoryDataModule,
     load_npz_arrays,
-    make_loader,
     resolve_data_dir,
 )
 from lightning_tpsgd.data.vision import MNISTDataModule
@@ -138,7 +137,7 @@ class SeqMNISTDataModule(MNISTDataModule):
         return images.reshape(len(images), -1, 1)
 
 
-class _NpzSequenceDataModule(L.LightningDataModule):
+class _NpzSequenceDataModule(InMemoryDataModule):
     """Base class: one local ``.npz`` file, preprocessed once into a training pool and a test set.
 
     Subclasses implement :meth:`_prepare` (arrays -> train/test features and labels) and may override
@@ -248,27 +247,6 @@ class _NpzSequenceDataModule(L.LightningDataModule):
         self.train_dataset = take(x_pool, y_pool, train_idx)
         self.val_dataset = take(x_pool, y_pool, val_idx) if self.val_size > 0 else None
         self.test_dataset = take(x_test, y_test, test_idx)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(x, y)``."""
-        self.setup()
-        return make_loader(self.train_dataset, self.batch_size, True, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches; an empty list (Lightning then skips validation) when ``val_size == 0``."""
-        self.setup()
-        if self.val_dataset is None:
-            return []
-        return make_loader(self.val_dataset, self.batch_size, False, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches, in a fixed order."""
-        self.setup()
-        return make_loader(self.test_dataset, self.batch_size, False, self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test set, for ``trainer.predict``."""
-        return self.test_dataloader()
 
 
 class EEGSeizureDataModule(_NpzSequenceDataModule):

@@ -3,16 +3,15 @@
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_tpsgd.data._common import (
     DATA_DIR_ENV,
     DatasetUnavailableError,
+    InMemoryDataModule,
     load_npz_arrays,
-    make_loader,
     npz_needs_cache,
     resolve_data_dir,
 )
@@ -21,7 +20,7 @@ VALID_SOURCES = ("auto", "npz", "torchvision", "hf")
 """Accepted values of the ``source`` argument."""
 
 
-class _InMemoryImageDataModule(L.LightningDataModule):
+class _InMemoryImageDataModule(InMemoryDataModule):
     """Base class: finds the data, decodes it once to uint8 arrays and keeps normalized float tensors."""
 
     dataset_name: ClassVar[str]
@@ -301,27 +300,6 @@ class _InMemoryImageDataModule(L.LightningDataModule):
         self.train_dataset = self._dataset(x_train, y_train, train_idx)
         self.val_dataset = self._dataset(x_train, y_train, val_idx) if self.val_size > 0 else None
         self.test_dataset = self._dataset(x_test, y_test, test_idx)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(x, y)``."""
-        self.setup()
-        return make_loader(self.train_dataset, self.batch_size, True, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches; an empty list (Lightning then skips validation) when ``val_size == 0``."""
-        self.setup()
-        if self.val_dataset is None:
-            return []
-        return make_loader(self.val_dataset, self.batch_size, False, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches, in a fixed order."""
-        self.setup()
-        return make_loader(self.test_dataset, self.batch_size, False, self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test set, for ``trainer.predict``."""
-        return self.test_dataloader()
 
 
 class MNISTDataModule(_InMemoryImageDataModule):
