@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,35 @@ def reset_peak_rss() -> int:
     """Reset the peak RSS (``VmHWM``) to the current RSS and return the current RSS in bytes."""
     Path("/proc/self/clear_refs").write_text("5")
     return status_bytes("VmRSS")
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def mmap_large_blocks(threshold: int = 65536) -> bool:
+    """Serve allocations of ``threshold`` bytes or more by ``mmap`` (glibc ``mallopt(M_MMAP_THRESHOLD)``).
+
+    Freed large tensors then go straight back to the OS, so that the peak RSS of one measurement is not hidden
+    by memory an earlier one left in malloc's free lists (the in-process equivalent of running with
+    ``MALLOC_MMAP_THRESHOLD_=65536``). Returns False where this is not glibc.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_mmap_threshold = -3
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand malloc's free memory back to the OS (``malloc_trim(0)``), before a reset."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class SavedTensorMeter:
