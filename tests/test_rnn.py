@@ -180,6 +180,11 @@ def test_init_zeros_and_uniform_scale():
     assert all(p.abs().max() <= 0.01 for p in rnn.parameters())
     default = RNN(F_IN, 16)
     assert all(p.abs().max() <= 0.25 for p in default.parameters())  # 1/sqrt(16), as torch.nn.RNN
+    torch.manual_seed(0)
+    split = RNN(F_IN, 64, num_layers=2, bidirectional=True, init_scale=0.01, input_init_scale=2.0, bias_init_scale=3.0)
+    for name, p in split.named_parameters():
+        bound = {"weight_ih": 2.0, "weight_hh": 0.01, "bias_ih": 3.0, "bias_hh": 3.0}[name.split("_l")[0]]
+        assert p.abs().max() <= bound and p.abs().max() > bound / 2, name
 
 
 def test_bptt_gradients_without_context():
@@ -237,6 +242,26 @@ def test_mean_reduction_divides_the_sum_by_the_sequence_length():
     for g_sum, g_mean in zip(results["sum"]["grads"], results["mean"]["grads"], strict=True):
         torch.testing.assert_close(g_mean, g_sum / T)
     torch.testing.assert_close(results["mean"]["loss"], results["sum"]["loss"] / T)
+
+
+@pytest.mark.parametrize("rule", ["l1", "l2", "drtp"])
+@pytest.mark.parametrize("nonlinearity", ["sigmoid", "tanh"])
+def test_vectorised_rules_match_the_per_step_path(rule, nonlinearity):
+    """The built-in rules run over whole chunks of time steps; a subclass takes the per-step path."""
+    base = type(create_rule(rule))
+    per_step = type("PerStep", (base,), {})()
+    results = []
+    for r in (base(), per_step):
+        torch.manual_seed(0)
+        rnn = RNN(F_IN, H, bidirectional=True, nonlinearity=nonlinearity, chunk_size=4, dtype=torch.float64)
+        store: dict = {}
+        rnn.tpsgd_context = _context(r, torch.tensor([0, 1, 2, 0]), store)
+        rnn(torch.randn(T, B, F_IN, dtype=torch.float64))
+        results.append(store)
+    (a, b) = results
+    for g_a, g_b in zip(a["grads"], b["grads"], strict=True):
+        torch.testing.assert_close(g_a, g_b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-10, atol=1e-12)
 
 
 def test_callable_rule_matches_the_closed_form():
@@ -392,6 +417,8 @@ BAD_OPTIONS = [
     (dict(num_layers=0), ValueError, r"num_layers must be a positive int, got 0"),
     (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
     (dict(init_scale=-1.0), ValueError, r"init_scale must be a finite number >= 0"),
+    (dict(input_init_scale=float("nan")), ValueError, r"input_init_scale must be a finite number >= 0"),
+    (dict(bias_init_scale=-0.5), ValueError, r"bias_init_scale must be a finite number >= 0"),
 ]
 
 

@@ -104,6 +104,8 @@ _ARGS_DOC = """
         projection: Projection kind of the recurrent targets; ``None`` picks it from the rule.
         init: ``"uniform"`` or ``"zeros"`` initial recurrent weights.
         init_scale: Bound of the uniform init; ``None`` gives 1/sqrt(hidden_size).
+        input_init_scale: Bound of the uniform init of the input weights alone; ``None``: ``init_scale``.
+        bias_init_scale: Bound of the uniform init of the biases alone; ``None``: ``init_scale``.
         center_targets: Subtract the class mean from the recurrent targets (see :class:`lightning_tpsgd.nn.RNN`).
         grad_dtype: dtype of the local pseudo-gradient products (``"bfloat16"`` is faster on CPUs and GPUs
             with bfloat16 matrix units); ``None`` uses the parameters' dtype.
@@ -121,6 +123,8 @@ def rnn1(
     projection: str | None = None,
     init: str = "uniform",
     init_scale: float | None = None,
+    input_init_scale: float | None = None,
+    bias_init_scale: float | None = None,
     center_targets: bool = True,
     grad_dtype: str | None = None,
     freeze_rnn: bool = False,
@@ -150,6 +154,8 @@ def rnn1(
             projection=projection,
             init=init,
             init_scale=init_scale,
+            input_init_scale=input_init_scale,
+            bias_init_scale=bias_init_scale,
             center_targets=center_targets,
             grad_dtype=grad_dtype,
         ),
@@ -168,6 +174,8 @@ def rnn2(
     projection: str | None = None,
     init: str = "uniform",
     init_scale: float | None = None,
+    input_init_scale: float | None = None,
+    bias_init_scale: float | None = None,
     center_targets: bool = True,
     grad_dtype: str | None = None,
     freeze_rnn: bool = False,
@@ -198,6 +206,8 @@ def rnn2(
             projection=projection,
             init=init,
             init_scale=init_scale,
+            input_init_scale=input_init_scale,
+            bias_init_scale=bias_init_scale,
             center_targets=center_targets,
             grad_dtype=grad_dtype,
         ),
@@ -214,6 +224,8 @@ def birnn1(
     projection: str | None = None,
     init: str = "uniform",
     init_scale: float | None = None,
+    input_init_scale: float | None = None,
+    bias_init_scale: float | None = None,
     center_targets: bool = True,
     grad_dtype: str | None = None,
     freeze_rnn: bool = False,
@@ -244,6 +256,8 @@ def birnn1(
             projection=projection,
             init=init,
             init_scale=init_scale,
+            input_init_scale=input_init_scale,
+            bias_init_scale=bias_init_scale,
             center_targets=center_targets,
             grad_dtype=grad_dtype,
         ),

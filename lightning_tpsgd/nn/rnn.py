@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..projections import list_projections
-from ..rules import LocalRule
+from ..rules import DRTP, TPSGDL1, TPSGDL2, LocalRule
 from .base import LocalContext, LocalModule
 
 __all__ = ["RNN"]
@@ -52,6 +52,10 @@ _ACTIVATIONS: dict[str, _Activation] = {
 #: ``rule_grad(h_t, y, B_t, out) -> J_t`` for one time step, writing dJ_t/dh_t into ``out``:
 #: h_t and out (B, H), y (B,), B_t (C, H).
 _RuleGrad = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+#: Rules whose loss is a mean of elementwise terms, so that one closed-form call on a chunk of time steps
+#: gives the per-step losses and gradients up to the chunk length: their local step is vectorised over time.
+_ELEMENTWISE_RULES = (TPSGDL1, TPSGDL2, DRTP)
 
 
 class RNN(LocalModule):
@@ -123,6 +127,10 @@ class RNN(LocalModule):
             DRTP, ``"uniform"`` otherwise.
         init: initial weights: ``"uniform"`` (:math:`U(-s, s)`) or ``"zeros"`` (paper §2.4 allows both).
         init_scale: ``s`` of the uniform init; default :math:`1/\sqrt{H}`, as in :class:`torch.nn.RNN`.
+        input_init_scale: ``s`` of the input weights ``W_X`` (``weight_ih``) alone; default ``init_scale``.
+        bias_init_scale: ``s`` of the biases alone; default ``init_scale``. A strong input drive and spread-out
+            biases put the units on the curved part of σ, where they respond to the input's amplitude and not
+            only to its sign (EEG seizure detection needs this; see ``recipes/rnn_eeg.yaml``).
         return_sequences: return the last layer's hidden-state sequence as ``output`` (as
             :class:`torch.nn.RNN`). ``False`` returns its final states instead, (B, D·H), like Keras'
             ``return_sequences=False``; the local step then keeps no (T, B, H) buffer for the last layer.
@@ -164,6 +172,8 @@ class RNN(LocalModule):
         projection: str | None = None,
         init: str = "uniform",
         init_scale: float | None = None,
+        input_init_scale: float | None = None,
+        bias_init_scale: float | None = None,
         return_sequences: bool = True,
         center_targets: bool = True,
         grad_dtype: str | None = None,
@@ -184,8 +194,13 @@ class RNN(LocalModule):
             _check_choice("grad_dtype", grad_dtype, tuple(_GRAD_DTYPES))
         if projection is not None:
             _check_choice("projection", projection, [p for p in list_projections() if p != "filter"])
-        if init_scale is not None and (not math.isfinite(init_scale) or init_scale < 0):
-            raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale}.")
+        for name, value in (
+            ("init_scale", init_scale),
+            ("input_init_scale", input_init_scale),
+            ("bias_init_scale", bias_init_scale),
+        ):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -197,6 +212,8 @@ class RNN(LocalModule):
         self.projection = projection
         self.init = init
         self.init_scale = init_scale
+        self.input_init_scale = input_init_scale
+        self.bias_init_scale = bias_init_scale
         self.return_sequences = return_sequences
         self.center_targets = center_targets
         self.grad_dtype = grad_dtype
@@ -228,14 +245,20 @@ class RNN(LocalModule):
         return ("", "_reverse") if self.bidirectional else ("",)
 
     def reset_parameters(self) -> None:
-        """Re-initialise every weight and bias: :math:`U(-s, s)` or zeros (see ``init``, ``init_scale``)."""
+        """Re-initialise every weight and bias: :math:`U(-s, s)` or zeros (see ``init`` and the ``*init_scale``)."""
         scale = 1.0 / math.sqrt(self.hidden_size) if self.init_scale is None else self.init_scale
+        scales = {
+            "weight_ih": scale if self.input_init_scale is None else self.input_init_scale,
+            "weight_hh": scale,
+            "bias": scale if self.bias_init_scale is None else self.bias_init_scale,
+        }
         with torch.no_grad():
-            for p in self.parameters():
+            for name, p in self.named_parameters():
                 if self.init == "zeros":
                     p.zero_()
                 else:
-                    p.uniform_(-scale, scale)
+                    s = scales["bias" if name.startswith("bias") else name.split("_l")[0]]
+                    p.uniform_(-s, s)
 
     def _cell_params(self, layer: int, suffix: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         get = self._parameters.get
@@ -342,7 +365,6 @@ class RNN(LocalModule):
                 "labels must have shape (B,). Check batch_first (inputs must be (B, T, F) when it is True)."
             )
         kind = self.projection or RULE_PROJECTIONS.get(context.rule.name, "uniform")
-        rule_grad = _rule_grad(context.rule)
         weight = self.weight_hh_l0
         x = x.to(weight.dtype)
         hidden, directions = self.hidden_size, self.num_directions
@@ -366,7 +388,7 @@ class RNN(LocalModule):
                     out=None if output is None else output[..., d * hidden : (d + 1) * hidden],
                     P=P,
                     labels=labels,
-                    rule_grad=rule_grad,
+                    rule=context.rule,
                     act=self._act,
                     reverse=d == 1,
                     center=self.center_targets,
@@ -423,7 +445,7 @@ def _local_cell(
     out: Tensor | None,
     P: Tensor,
     labels: Tensor,
-    rule_grad: _RuleGrad,
+    rule: LocalRule,
     act: _Activation,
     reverse: bool,
     center: bool,
@@ -434,10 +456,12 @@ def _local_cell(
     """One direction of one layer with frozen weights: the hidden states, the pseudo-gradients, the loss.
 
     The time steps are processed in chunks, in the cell's own order (backwards when ``reverse``). For each
-    chunk: the input projection, the recurrence, then per step the rule's gradient against ``B_s = P[:, s]``
-    (minus its class mean and with ``h`` measured from σ(0) when ``center``), ``D_t`` and the chunk's share
-    of eq. (4). The hidden states go to ``out`` when the caller needs the sequence, otherwise to a chunk-sized
-    scratch buffer, so nothing grows with ``T`` but ``out``.
+    chunk: the input projection (one matrix product), the recurrence (the only per-step work), then, for all
+    steps of the chunk at once, the targets ``B_s[y]`` (one gather from ``P``, its class mean removed and
+    ``h`` measured from σ(0) when ``center``), the rule's gradient, ``D`` and the chunk's share of eq. (4) as
+    one matrix product per weight over all (step, sample) rows. The hidden states go to ``out`` when the
+    caller needs the sequence, otherwise to a chunk-sized scratch buffer, so nothing grows with ``T`` but
+    ``out``.
 
     Shape:
         - x: (T, B, F); h0: (B, H); out: (T, B, H) (possibly a strided view) or None; P: (C, T, H)
@@ -446,69 +470,92 @@ def _local_cell(
     """
     seq_len, batch, features = x.shape
     hidden = w_hh.shape[0]
+    chunk = min(chunk_size, seq_len)
     g_ih, g_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)
     g_b = torch.zeros(hidden, device=w_hh.device, dtype=w_hh.dtype)
     loss = torch.zeros((), device=w_hh.device, dtype=w_hh.dtype)
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     w_ih_t, w_hh_t = w_ih.t(), w_hh.t()
     midpoint = act.midpoint if center else 0.0
-    scratch = carry = None
-    if out is None:
-        scratch = x.new_empty(min(chunk_size, seq_len), batch, hidden)
-        carry = x.new_empty(batch, hidden)
+    # the projection by position: targets[p] = B_s (C, H) for the step s the cell takes at position p
+    targets = (P.flip(1) if reverse else P).to(x.dtype).transpose(0, 1)
+    targets = (targets - targets.mean(1, keepdim=True) if center else targets).contiguous()
+    vectorised = type(rule) in _ELEMENTWISE_RULES  # a mean over elements: one call covers a whole chunk
+    per_step = None if vectorised else _rule_grad(rule)
+    grad_h = x.new_empty(chunk, batch, hidden)
+    scratch = x.new_empty(chunk, batch, hidden) if out is None else None
     h = h0
     for s0 in range(0, seq_len, chunk_size):
         s1 = min(s0 + chunk_size, seq_len)
+        n = s1 - s0
         a, b = (seq_len - s1, seq_len - s0) if reverse else (s0, s1)  # positions of the chunk, ascending
-        buf = out[a:b] if out is not None else scratch[: b - a]
-        if carry is not None and s0 > 0:
-            h = carry.copy_(h)  # the state before the chunk lives in the scratch buffer about to be overwritten
+        if scratch is not None:
+            if s0 > 0:  # the state before the chunk lives in the scratch buffer about to be overwritten
+                h = h.clone()
+            buf = scratch[:n]
+        else:
+            assert out is not None
+            buf = out[a:b]
         h_start = h
         xs = x[a:b].reshape(-1, features)
-        xw = (torch.mm(xs, w_ih_t) if bias is None else torch.addmm(bias, xs, w_ih_t)).view(b - a, -1, hidden)
-        buf.copy_(xw)  # z = x W_X + b, then h W_H is added in place step by step
-        del xw
-        for i in range(b - a - 1, -1, -1) if reverse else range(b - a):
-            act.fn_(buf[i].addmm_(h, w_hh_t))
-            h = buf[i]
-        # D_t = dJ_t/dh_{t+1} ⊙ σ'(z_{t+1}), J_t the rule against B_s for the cell's step s at position a + i
-        grad_h = torch.empty(b - a, batch, hidden, device=x.device, dtype=x.dtype)
-        for i in range(b - a):
-            B_s = P[:, seq_len - 1 - a - i if reverse else a + i]
-            if center:
-                B_s = B_s - B_s.mean(0)
-            h_i = buf[i] if midpoint == 0.0 else buf[i] - midpoint
-            loss += rule_grad(h_i, labels, B_s, grad_h[i])
-        D = act.backward_(grad_h, buf, grad_input=grad_h)
+        if buf.is_contiguous():  # z = x W_X + b, then h W_H is added in place step by step
+            _linear(xs, w_ih_t, bias, out=buf.view(-1, hidden))
+        else:
+            buf.copy_(_linear(xs, w_ih_t, bias).view(n, batch, hidden))
+        for h_next in reversed(buf.unbind(0)) if reverse else buf.unbind(0):  # the only per-step work
+            h = act.fn_(h_next.addmm_(h, w_hh_t))
+        # D_t = dJ_t/dh_{t+1} ⊙ σ'(z_{t+1}), J_t the rule against B_s[y] for the cell's step s at each position
+        G = grad_h[:n]
+        h_rule = buf if midpoint == 0.0 else buf - midpoint
+        if vectorised:
+            torch.index_select(targets[a:b], 1, labels, out=G)
+            # the rule's mean over the chunk's n·B·H elements is 1/n of the sum of its per-step means
+            chunk_loss, g, c = rule.loss_and_grad_(h_rule, G)
+            if g is not G:
+                G.copy_(g)
+            loss += chunk_loss * n
+            scale = c * n
+        else:
+            for i in range(n):
+                loss += per_step(h_rule[i], labels, targets[a + i], G[i])
+            scale = 1.0
         if mean_over_time:
-            D.div_(seq_len)
-        g_b += D.view(-1, hidden).sum(0)
+            scale /= seq_len
+        D = act.backward_(G, buf, grad_input=G)
+        g_b.add_(D.view(-1, hidden).sum(0), alpha=scale)
         if grad_dtype is not None:  # the products below dominate the cost of the local step
             D = D.to(grad_dtype)
-        _add_product(g_ih, D.view(-1, hidden), xs)
+        _add_product(g_ih, D.view(-1, hidden), xs, scale)
         # H_t, the state each step started from: h_start for the chunk's first step, else the previous position
         if reverse:
-            _add_product(g_hh, D[-1], h_start)
-            _add_product(g_hh, D[:-1].reshape(-1, hidden), buf[1:].reshape(-1, hidden))
+            _add_product(g_hh, D[-1], h_start, scale)
+            _add_product(g_hh, D[:-1].reshape(-1, hidden), buf[1:].reshape(-1, hidden), scale)
         else:
-            _add_product(g_hh, D[0], h_start)
-            _add_product(g_hh, D[1:].reshape(-1, hidden), buf[:-1].reshape(-1, hidden))
+            _add_product(g_hh, D[0], h_start, scale)
+            _add_product(g_hh, D[1:].reshape(-1, hidden), buf[:-1].reshape(-1, hidden), scale)
     grads = {"weight_ih": g_ih, "weight_hh": g_hh}
     if b_ih is not None:
         grads.update(bias_ih=g_b, bias_hh=g_b.clone())
     return grads, (loss / seq_len if mean_over_time else loss), h
 
 
-def _add_product(grad: Tensor, D: Tensor, inputs: Tensor) -> None:
-    """``grad += D^T @ inputs``, computed in ``D``'s dtype (bfloat16 when ``grad_dtype`` asks for it).
+def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``x @ weight_t (+ bias)``, into ``out`` if given."""
+    if bias is None:
+        return torch.mm(x, weight_t, out=out)
+    return torch.addmm(bias, x, weight_t, out=out)
+
+
+def _add_product(grad: Tensor, D: Tensor, inputs: Tensor, scale: float = 1.0) -> None:
+    """``grad += scale * D^T @ inputs``, computed in ``D``'s dtype (bfloat16 when ``grad_dtype`` asks for it).
 
     Shape:
         - grad: (H, F); D: (N, H); inputs: (N, F)
     """
     if D.dtype == grad.dtype:
-        grad.addmm_(D.t(), inputs)
+        grad.addmm_(D.t(), inputs, alpha=scale)
     else:
-        grad.add_(torch.mm(D.t(), inputs.to(D.dtype)))
+        grad.add_(torch.mm(D.t(), inputs.to(D.dtype)), alpha=scale)
 
 
 def _rule_grad(rule: LocalRule) -> _RuleGrad:
