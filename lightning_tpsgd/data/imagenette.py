@@ -8,6 +8,9 @@ backbone's (``zoo.backbone_data_config(name)`` gives them); nothing here depends
 from __future__ import annotations
 
 import io
+import os
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,7 +28,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImagenetteDataModule"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SOURCES = ("auto", "npz", "hf")
-_DECODE = ("lazy", "once")
+_DECODE = ("lazy", "once", "stream")
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -46,6 +49,62 @@ class _Normalize:
         return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
 
 
+class _NpzBytes:
+    """A 1-D uint8 array stored uncompressed in a ``.npz`` (``np.savez``), read from the file on demand.
+
+    Slicing returns the bytes of the slice, read with one positioned read; nothing else is kept in memory.
+    The file is opened lazily in each process (DataLoader workers included) and never mapped.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = Path(path), key
+        self._fd: int | None = None
+        self._pid = -1
+        with zipfile.ZipFile(self.path) as zf:
+            info = zf.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(
+                f"decode='stream' reads {key} straight from {self.path}, which needs uncompressed members "
+                "(np.savez), but this file is compressed (np.savez_compressed). Use decode='lazy', or re-save "
+                "the arrays with np.savez."
+            )
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)  # the zip local file header, then the name and the extra field
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"{self.path}: {key} uses .npy format {version}; decode='stream' reads 1.0 and 2.0.")
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype != np.uint8 or len(shape) != 1 or fortran:
+            raise ValueError(f"{self.path}: {key} must be a 1-D uint8 array, got {dtype} of shape {shape}.")
+        self.shape = shape
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None, "_pid": -1}  # each process opens its own descriptor
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> bytes:
+        start, stop, _ = index.indices(self.shape[0])
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)), os.getpid()
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, stop - start, self.offset + start)
+        os.lseek(self._fd, self.offset + start, os.SEEK_SET)
+        return os.read(self._fd, stop - start)
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
 def _decode(jpeg: bytes, size: int, resample: Image.Resampling) -> Tensor:
     """JPEG bytes → uint8 (3, size, size); resized (aspect ratio not kept) when not already that size."""
     with Image.open(io.BytesIO(jpeg)) as img:
@@ -60,7 +119,7 @@ class _JpegDataset(Dataset):
 
     def __init__(
         self,
-        data: np.ndarray,
+        data: np.ndarray | _NpzBytes,
         offsets: np.ndarray,
         labels: np.ndarray,
         index: np.ndarray,
@@ -78,7 +137,8 @@ class _JpegDataset(Dataset):
     def image(self, i: int) -> Tensor:
         """The uint8 image ``i`` (3, H, W)."""
         j = int(self.index[i])
-        return _decode(self.data[self.offsets[j] : self.offsets[j + 1]].tobytes(), self.size, self.resample)
+        jpeg = self.data[self.offsets[j] : self.offsets[j + 1]]
+        return _decode(jpeg if isinstance(jpeg, bytes) else jpeg.tobytes(), self.size, self.resample)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self.normalize(self.image(i)), self.labels[i]
@@ -124,9 +184,12 @@ class ImagenetteDataModule(L.LightningDataModule):
     test set. Images are resized to ``image_size`` x ``image_size`` (the npz holds 112 px images, whose
     aspect ratio was not kept, so 112 needs no resize).
 
-    Memory: ``decode="lazy"`` keeps the JPEG bytes (62 MB) and decodes each image when it is read (about
-    0.1 ms at 112 px); ``decode="once"`` decodes everything in ``setup`` into uint8 tensors (360 MB for the
-    training set at 112 px). Either way a sample is normalized only when it is read, never stored as float.
+    Memory: ``decode="lazy"`` keeps the JPEG bytes (60 MB) and decodes each image when it is read (about
+    0.1 ms at 112 px); ``decode="stream"`` keeps only offsets and labels and reads each image's JPEG bytes
+    from the npz file when it is read (one positioned read; needs the npz's uncompressed ``np.savez``
+    layout, as shipped; the HF source always decodes once); ``decode="once"`` decodes everything in
+    ``setup`` into uint8 tensors (360 MB for the training set at 112 px). In every mode a sample is
+    normalized only when it is read, never stored as float.
 
     Batches are ``(x, y)``: ``x`` float32 ``(B, 3, image_size, image_size)`` normalized as
     ``(x / 255 - mean) / std``; ``y`` int64.
@@ -182,7 +245,8 @@ class ImagenetteDataModule(L.LightningDataModule):
             mean: per-channel mean of the normalization; use the backbone's (``zoo.backbone_data_config``).
             std: per-channel std of the normalization; use the backbone's.
             interpolation: resize filter: ``"bicubic"``, ``"bilinear"``, ``"nearest"`` or ``"lanczos"``.
-            decode: ``"lazy"`` (keep JPEG bytes, decode on access) or ``"once"`` (decode all in ``setup``).
+            decode: ``"lazy"`` (keep JPEG bytes, decode on access), ``"stream"`` (read the JPEG bytes from the
+                npz file on access, hold none) or ``"once"`` (decode all in ``setup``).
             batch_size: samples per batch, for all loaders.
             val_size: training images held out (seeded, random) for validation; 0 disables validation.
             seed: seed of the validation holdout and of the subsets.
@@ -253,6 +317,7 @@ class ImagenetteDataModule(L.LightningDataModule):
         return DatasetUnavailableError("\n".join(lines))
 
     def _load_npz(self, path: Path) -> dict[str, Any]:
+        stream = self.decode == "stream"
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in _NPZ_KEYS if k not in npz.files]
             if missing:
@@ -260,7 +325,7 @@ class ImagenetteDataModule(L.LightningDataModule):
                     f"{path} is missing the array(s) {missing}; it holds {sorted(npz.files)}. Expected JPEG bytes with "
                     f"offsets and labels: {list(_NPZ_KEYS)}."
                 )
-            arrays = {k: npz[k] for k in _NPZ_KEYS}
+            arrays = {k: _NpzBytes(path, k) if stream and k.endswith("_jpeg") else npz[k] for k in _NPZ_KEYS}
         for split in ("train", "test"):
             n = len(arrays[f"x_{split}_offsets"]) - 1
             if arrays[f"y_{split}"].shape != (n,):

@@ -69,7 +69,7 @@ def _normalized(img: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
 
 
-@pytest.mark.parametrize("decode", ["lazy", "once"])
+@pytest.mark.parametrize("decode", ["lazy", "once", "stream"])
 def test_splits_and_normalization(npz, decode):
     path, train_images, test_images = npz
     dm = _dm(path, decode=decode)
@@ -95,6 +95,23 @@ def test_lazy_and_once_agree_and_val_is_disjoint(npz):
     train = {tuple(lazy.train_dataset[i][0].flatten()[:8].tolist()) for i in range(len(lazy.train_dataset))}
     val = {tuple(lazy.val_dataset[i][0].flatten()[:8].tolist()) for i in range(len(lazy.val_dataset))}
     assert not train & val
+
+
+def test_stream_reads_the_file_and_agrees_with_lazy(npz, tmp_path):
+    path, _, _ = npz
+    lazy, stream = _dm(path, decode="lazy"), _dm(path, decode="stream", num_workers=1)
+    lazy.setup(), stream.setup()
+    assert not isinstance(stream._arrays["x_train_jpeg"], np.ndarray)  # no JPEG bytes held in memory
+    for i in range(len(lazy.train_dataset)):
+        assert torch.equal(lazy.train_dataset[i][0], stream.train_dataset[i][0])
+    (xl, yl), (xs, ys) = next(iter(lazy.test_dataloader())), next(iter(stream.test_dataloader()))  # a worker
+    assert torch.equal(xl, xs) and torch.equal(yl, ys)
+    compressed = tmp_path / "c" / "imagenette_112_jpeg.npz"
+    compressed.parent.mkdir()
+    with np.load(path) as f:
+        np.savez_compressed(compressed, **dict(f))
+    with pytest.raises(ValueError, match="needs uncompressed members"):
+        _dm(compressed, decode="stream").setup()
 
 
 def test_resize_subsets_and_env(npz, monkeypatch):

@@ -239,6 +239,30 @@ def test_cache_returns_each_samples_own_features(shuffle, directory, tmp_path):
     assert _adaptor(cache_features=True, feature_cache_dir=str(tmp_path)).feature_cache.directory == tmp_path
 
 
+def test_extract_batch_size_slices_the_backbone_only():
+    whole, sliced = _adaptor(taps=(2, 4)), _adaptor(taps=(2, 4), extract_batch_size=3)
+    calls = []
+    sliced.backbone.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    x = _data(8).tensors[0]
+    for got, want in zip(sliced.extract(x), whole.extract(x), strict=True):
+        torch.testing.assert_close(got, want)
+    assert calls == [3, 3, 2]
+    with pytest.raises(ValueError, match="extract_batch_size must be None or an int >= 1"):
+        _adaptor(extract_batch_size=0)
+
+
+def test_disk_cache_holds_no_features_in_memory(tmp_path):
+    cache = FeatureCache(tmp_path, chunk_rows=16)
+    x = torch.randn(20, 3, 4, 4)
+    feats = cache.get(x, lambda x: [x.flatten(1), x.mean((2, 3))])
+    assert all(not isinstance(store, torch.Tensor) for chunk in cache._chunks for store in chunk)
+    assert cache.nbytes == 2 * 16 * (48 + 3) * 4 and len(list(tmp_path.glob("features-*.bin"))) == 4
+    again = cache.get(x.flip(0), lambda x: pytest.fail("all cached"))
+    assert all(torch.equal(a, b.flip(0)) for a, b in zip(again, feats, strict=True))
+    cache.clear()
+    assert not list(tmp_path.glob("features-*.bin")) and len(cache) == 0
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_cached_fit_reuses_features_across_epochs(shuffle):
     module = _adaptor(cache_features=True)
