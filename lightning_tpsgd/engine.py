@@ -220,8 +220,9 @@ class LocalLearner:
         model: the network; its leaf modules must be registered in the order they are called.
         num_classes: C; default: ``out_features`` of the (first) output layer.
         rule: ``"ce"`` (default: cross-entropy over cosine similarities to the class targets, scale-free),
-            ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a :class:`LocalRule`, or any
-            callable ``loss(output, target) -> scalar``.
+            ``"learned"`` (cross-entropy of a linear readout initialised from ``P`` and trained with the block;
+            see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a
+            :class:`LocalRule`, or any callable ``loss(output, target) -> scalar``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``.
         conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"`` (the dense
@@ -236,16 +237,17 @@ class LocalLearner:
         seed: seeds every projection (block ``i`` uses its own generator derived from it).
         optimizer: used by :meth:`step`: an optimizer over ``model.parameters()``, a factory
             ``params -> Optimizer``, or ``None`` for ``Adam(lr=1e-3)``. The strategy passes none and
-            lets Lightning step the LightningModule's own optimizer.
+            lets Lightning step the LightningModule's own optimizer (to which it attaches learned projections).
         loss_fn: the output blocks' loss, ``loss_fn(output, y)``; default cross-entropy.
         output_layers: names of the layers trained by ``loss_fn`` (default: the last trainable layer).
         overrides: per-layer options, ``{"<layer name or fnmatch pattern>": {"rule": ..., "target": ...,
             "projection": ..., "target_scale": ...}}``.
         validate: check labels and local losses every step (a small synchronisation cost).
-        lean: lean-memory mode for edge devices: projections are regenerated from their seed at every use
-            instead of stored, and Linear/Conv blocks whose tap is their (leaky) ReLU or the layer itself
-            build no autograd graph at all: their weight gradients are computed explicitly, a slice of the
-            batch at a time, so no output-sized target, loss or gradient buffer exists.
+        lean: lean-memory mode for edge devices (not with a rule that learns its projection): projections are
+            regenerated from their seed at every use instead of stored, and Linear/Conv blocks whose tap is
+            their (leaky) ReLU or the layer itself build no autograd graph at all: their weight gradients are
+            computed explicitly, a slice of the batch at a time, so no output-sized target, loss or gradient
+            buffer exists.
         grad_sync: data-parallel communication of the local gradients (set by ``TPSGDDDPStrategy``).
 
     Example:
@@ -298,6 +300,7 @@ class LocalLearner:
         self._configure_blocks(rule, projection, conv_projection, target, target_scale, overrides or {})
         self._optimizer_spec = optimizer
         self.optimizer: torch.optim.Optimizer | None = None  # created by the first step()
+        self._attached: list[torch.optim.Optimizer] = []  # receive the learned projections as param groups
         self._projections = {b.name: b.projection for b in self.hidden if b.projection is not None}
         self._loaded_projections: dict[str, Tensor] = {}
         self._pending: dict[int, list[Tensor | None]] = {}
@@ -343,6 +346,11 @@ class LocalLearner:
             if not math.isfinite(scale) or scale <= 0:
                 raise ValueError(f"target_scale of block '{block.name}' must be positive and finite, got {scale}.")
             block.rule = create_rule(opts["rule"])
+            if block.rule.learns_projection and (block.is_local_module or self.lean):
+                raise ValueError(
+                    f"Rule {block.rule!r} of block '{block.name}' learns its projection, which needs a Linear or "
+                    "Conv block (not a LocalModule) and a stored projection (lean=False)."
+                )
             block.target = opts["target"]
             block.target_scale = scale
             if opts["projection"] is not None:
@@ -370,6 +378,37 @@ class LocalLearner:
         self._handles = []
         self._set_frozen(frozen=set())
         self._applied_stage = None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Let ``optimizer`` train the learned projections (rules with ``learns_projection``, e.g. ``"learned"``).
+
+        Each learned projection joins it as a new parameter group with the optimizer's default
+        hyper-parameters: those built already now, later ones when their block first runs (the projection's
+        shape is known only then). A learning-rate scheduler created before a group was added does not
+        schedule that group. :meth:`step` and the strategies attach their optimizer themselves.
+        """
+        if not any(optimizer is o for o in self._attached):
+            self._attached.append(optimizer)
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for P in self.learned_projections():
+            if id(P) not in owned:
+                optimizer.add_param_group({"params": [P]})
+
+    def learned_projections(self) -> list[nn.Parameter]:
+        """The projections built so far that are trained with their block, in block order."""
+        return [
+            b.projection.P for b in self.hidden if b.projection is not None and isinstance(b.projection.P, nn.Parameter)
+        ]
+
+    def _learn_projection(self, block: Block, init: bool) -> None:
+        """Make the block's freshly built projection a parameter of the block (rule ``learns_projection``)."""
+        projection, rule = block.projection, block.rule
+        assert projection is not None and projection.P is not None and rule is not None
+        P = rule.init_projection(projection.P) if init else projection.P
+        projection.P = nn.Parameter(P.detach().clone(), requires_grad=block.params[0].requires_grad)
+        block.params.append(projection.P)
+        for optimizer in self._attached:
+            optimizer.add_param_group({"params": [projection.P]})
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -456,7 +495,7 @@ class LocalLearner:
         """
         assert self._labels is not None and block.rule is not None
         P = self._projection_of(block, h)
-        if block.rule.closed_form:  # no autograd graph for the loss
+        if block.rule.closed_form and not block.rule.learns_projection:  # no autograd graph for the loss
             slope = _relu_slope(block.tap)
             if slope is not None and z is not None and z.requires_grad and z.shape == h.shape and z.is_contiguous():
                 # z (the activation's input) is not needed by the layer's backward, so its storage takes the
@@ -480,14 +519,29 @@ class LocalLearner:
     def _projection_of(self, block: Block, h: Tensor) -> Tensor:
         """The block's ``P`` on ``h``'s device: built at the first batch, or regenerated in lean mode."""
         projection = block.projection
-        assert projection is not None
+        assert projection is not None and block.rule is not None
+        if block.rule.learns_projection and not self._attached:
+            raise RuntimeError(
+                f"Rule {block.rule!r} of block '{block.name}' learns its projection but no optimizer would "
+                "train it: call learner.attach_optimizer(optimizer) before the first training step (step() "
+                "and the strategies do it)."
+            )
         if self.lean or not projection.is_built:
-            self._build_projection(block.name, projection, tuple(h.shape[1:]), h.device, block.params[0].dtype)
+            restored = self._build_projection(
+                block.name, projection, tuple(h.shape[1:]), h.device, block.params[0].dtype
+            )
+            if block.rule.learns_projection:
+                self._learn_projection(block, init=not restored)
         P = projection.P
         assert P is not None
         if self.lean:
             projection.P = None  # not stored: regenerated from the seed at the next use
         elif P.device != h.device:  # the model moved after the projection was built
+            if isinstance(P, nn.Parameter):
+                raise RuntimeError(
+                    f"Block '{block.name}' moved to {h.device} after its learned projection was built on {P.device}; "
+                    "move the model before the first training step."
+                )
             P = projection.P = P.to(h.device)
         if self.validate and tuple(P.shape[1:]) != tuple(h.shape[1:]):
             raise ValueError(
@@ -551,7 +605,8 @@ class LocalLearner:
 
     def _build_projection(
         self, name: str, projection: Projection, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
-    ) -> None:
+    ) -> bool:
+        """Build ``projection`` from the checkpoint if it holds one for ``name`` (returns True), else from the seed."""
         saved = self._loaded_projections.pop(name, None)
         if saved is not None:
             expected = (self.num_classes, *shape)
@@ -560,9 +615,14 @@ class LocalLearner:
                     f"The checkpoint's projection for '{name}' has shape {tuple(saved.shape)} but the block now "
                     f"needs {expected}. The model or its input size changed since the checkpoint was saved."
                 )
-            projection.P = saved.to(device=device, dtype=dtype)
-            return
+            if isinstance(projection.P, nn.Parameter):  # learned: keep the tensor the optimizer holds
+                with torch.no_grad():
+                    projection.P.copy_(saved)
+            else:
+                projection.P = saved.to(device=device, dtype=dtype)
+            return True
         projection.build(shape, self._generator(name), device, dtype)
+        return False
 
     def _generator(self, key: str) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
@@ -682,6 +742,7 @@ class LocalLearner:
         """
         if self.optimizer is None:
             self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
+            self.attach_optimizer(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.run(lambda: self.model(x), y)
         logs = {k: float(v) for k, v in self._losses.items()}
@@ -696,32 +757,43 @@ class LocalLearner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Projections (``P`` of every block), the seed and the schedule position."""
-        projections = {name: p.P for name, p in self._projections.items() if p.is_built and not self.lean}
+        """Projections (``P`` of every block, learned ones included), the seed and the schedule position."""
+        projections = {name: p.P.detach() for name, p in self._projections.items() if p.is_built and not self.lean}
         state: dict[str, Any] = {"projections": projections, "seed": self.seed, "stage": self._stage}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore projections (now or when their block first runs) and the optimizer state."""
+        """Restore projections and the optimizer state.
+
+        Fixed projections are restored now or when their block first runs; learned ones now, so that they are
+        in the optimizer's parameter groups before its state is loaded (by this method or by Lightning).
+        """
         if int(state["seed"]) != self.seed:
             raise ValueError(
                 f"The checkpoint was trained with seed={state['seed']} but this learner has seed={self.seed}; "
                 "use the same seed so the projections match."
             )
-        names = {b.name for b in self.hidden}
+        if "optimizer" in state and self.optimizer is None:
+            self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
+            self.attach_optimizer(self.optimizer)
+        blocks = {b.name: b for b in self.hidden}
         for name, P in state["projections"].items():
-            if name.split(":")[0] not in names:
+            block = blocks.get(name.split(":")[0])
+            if block is None:
                 raise ValueError(f"The checkpoint has a projection for '{name}', which is not a hidden block here.")
             projection = self._projections.get(name)
             self._loaded_projections[name] = P
             if projection is not None and projection.is_built:  # replace now; otherwise at its first batch
                 assert projection.P is not None
                 self._build_projection(name, projection, tuple(P.shape[1:]), projection.P.device, projection.P.dtype)
+            elif projection is not None and block.rule is not None and block.rule.learns_projection:
+                p0 = block.params[0]
+                self._build_projection(name, projection, tuple(P.shape[1:]), p0.device, p0.dtype)
+                self._learn_projection(block, init=False)
         if "optimizer" in state:
-            if self.optimizer is None:
-                self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
+            assert self.optimizer is not None
             self.optimizer.load_state_dict(state["optimizer"])
 
 

@@ -1,8 +1,8 @@
 """Stateless maths of target projection: targets, local losses and their closed-form gradients.
 
 Every ℓ1/ℓ2/DRTP loss here is a *mean over all elements* (like ``F.mse_loss``), so a rule behaves the same
-for a 10-unit Linear block and a 32x64x64 Conv2d block under the same learning rate; ``tpsgd_ce`` is a
-mean over the batch.
+for a 10-unit Linear block and a 32x64x64 Conv2d block under the same learning rate; ``tpsgd_ce`` and
+``readout_ce`` are means over the batch.
 
 The ``*_grad_`` functions are the engine's hot path and return ``(loss, g, c)`` with
 ``dloss/dh = c * g``: the scalar ``c`` is applied later to the (small) parameter gradients instead of
@@ -32,6 +32,7 @@ __all__ = [
     "drtp_grad_",
     "tpsgd_ce",
     "tpsgd_ce_grad",
+    "readout_ce",
 ]
 
 
@@ -182,3 +183,19 @@ def tpsgd_ce_grad(
     g = err @ Pf if out is None else torch.mm(err, Pf, out=out.view(B, -1))  # (B, F)
     g.addcmul_(hf, radial[:, None], value=-1.0)
     return loss, g.view(h.shape), kappa / B
+
+
+def readout_ce(h: Tensor, y: Tensor, W: Tensor) -> Tensor:
+    r"""Cross-entropy of the linear readout :math:`\langle h_b, W_c \rangle` of the block output, one logit per class.
+
+    With a learned ``W`` this is the local loss of a block with its own linear classifier (rule
+    ``"learned"``); differentiable in both ``h`` and ``W``.
+
+    .. math:: J = \operatorname{CE}\big(\langle h, W_c \rangle_{c=1..C},\ y\big)
+
+    Shape:
+        - h: (B, *S); y: (B,) integer labels; W: (C, *S)
+        - returns: scalar (mean over the batch)
+    """
+    logits = h.reshape(h.shape[0], -1) @ W.reshape(W.shape[0], -1).T
+    return F.cross_entropy(logits, y)

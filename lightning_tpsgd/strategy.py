@@ -70,6 +70,8 @@ class _LocalLearning:
         if kwargs["output_layers"] is None and getattr(module, "tpsgd_output_layers", None):
             kwargs["output_layers"] = list(module.tpsgd_output_layers)
         self.learner = LocalLearner(module, grad_sync=self._grad_sync(), **kwargs)
+        if self.optimizers:  # learned projections (rule "learned") train with the module's optimizer
+            self.learner.attach_optimizer(self.optimizers[0])
         if self._checkpoint_state is not None:
             self.learner.load_state_dict(self._checkpoint_state)
             self._checkpoint_state = None
@@ -135,8 +137,10 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
     """Train an unchanged LightningModule without global backpropagation, on one device.
 
     Args:
-        rule: local rule of the hidden blocks: ``"ce"`` (default, scale-free), ``"l2"`` (the paper's
-            tpSGD-ℓ2), ``"l1"``, ``"drtp"`` or a callable ``loss(output, target)``.
+        rule: local rule of the hidden blocks: ``"ce"`` (default, scale-free), ``"learned"`` (a linear
+            readout per block, initialised from its projection and trained with it by the module's
+            optimizer, as an extra parameter group), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"``, ``"drtp"`` or
+            a callable ``loss(output, target)``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``.
         conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"``.

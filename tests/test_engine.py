@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_tpsgd import LocalLearner, find_blocks
-from lightning_tpsgd.functional import tpsgd_l2
+from lightning_tpsgd.functional import readout_ce, tpsgd_l2
 
 
 def mlp():
@@ -242,6 +244,81 @@ def test_layerwise_needs_epochs_per_layer():
         LocalLearner(mlp(), schedule="layerwise", epochs_per_layer=[1, 2])
     with pytest.raises(ValueError, match="only applies to schedule='layerwise'"):
         LocalLearner(mlp(), epochs_per_layer=2)
+
+
+# ---------------------------------------------------------------- learned projections
+def test_learned_projection_starts_at_the_fixed_one_and_trains_with_its_block():
+    fixed = LocalLearner(cnn(), rule="ce", seed=2)
+    fixed.step(*batch())
+    model = cnn()
+    learner = LocalLearner(model, rule="learned", seed=2, optimizer=sgd())
+    x, y = batch()
+    inputs = model[3](model[2](model[1](model[0](x)))).detach()  # what block "4" sees
+    learner.step(x, y)
+    groups = learner.optimizer.param_groups
+    assert len(groups) == 3 and [g["params"] for g in groups[1:]] == [[P] for P in learner.learned_projections()]
+    for block, ref in zip(learner.hidden, fixed.hidden, strict=True):
+        W, P = block.projection.P, ref.projection.P
+        assert isinstance(W, nn.Parameter) and block.params[-1] is W
+        assert not torch.equal(W, P / P[0].numel() ** 0.5)  # one SGD step moved it
+        torch.testing.assert_close(W + 0.1 * W.grad, P / P[0].numel() ** 0.5)
+    # the gradients of block "4" and its readout are those of its own loss on its detached input
+    block = learner.hidden[1]
+    W0 = (block.projection.P + 0.1 * block.projection.P.grad).detach().requires_grad_()
+    before = cnn()
+    conv = nn.Sequential(before[4], before[5])
+    expected = torch.autograd.grad(readout_ce(conv(inputs), y, W0), [*conv.parameters(), W0])
+    for p, g in zip(block.params, expected, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_learned_projection_needs_an_optimizer_and_a_stored_projection():
+    learner = LocalLearner(mlp(), rule="learned")
+    with pytest.raises(RuntimeError, match="attach_optimizer"):
+        learner.run(lambda: learner.model(batch()[0]), batch()[1])
+    with pytest.raises(ValueError, match="learns its projection"):
+        LocalLearner(mlp(), rule="learned", lean=True)
+    opt = torch.optim.SGD(learner.model.parameters(), lr=0.1)
+    learner.attach_optimizer(opt)
+    learner.attach_optimizer(opt)  # idempotent
+    learner.run(lambda: learner.model(batch()[0]), batch()[1])
+    assert len(opt.param_groups) == 3
+    learner.attach_optimizer(opt)  # already there: not added twice
+    later = torch.optim.SGD(learner.model.parameters(), lr=0.1)
+    learner.attach_optimizer(later)  # attached after the build: gets the existing readouts now
+    assert len(later.param_groups) == 3 and len(opt.param_groups) == 3
+
+
+def test_learned_projection_and_its_optimizer_state_resume_exactly():
+    adam = lambda p: torch.optim.Adam(p, lr=1e-2)  # noqa: E731
+    reference = LocalLearner(cnn(), rule="learned", optimizer=adam)
+    for step in range(2):
+        reference.step(*batch(seed=step))
+    state = copy.deepcopy(reference.state_dict())  # the optimizer's state_dict holds its live tensors
+    assert isinstance(state["projections"]["0"], torch.Tensor) and not state["projections"]["0"].requires_grad
+    resumed_model = cnn()
+    resumed_model.load_state_dict(reference.model.state_dict())
+    resumed = LocalLearner(resumed_model, rule="learned", optimizer=adam)
+    resumed.load_state_dict(state)  # builds the readouts now, so the optimizer state fits
+    assert len(resumed.optimizer.param_groups) == 3
+    for step in range(2, 4):
+        reference.step(*batch(seed=step))
+        resumed.step(*batch(seed=step))
+    for a, b in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(reference.learned_projections(), resumed.learned_projections(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_layerwise_schedule_freezes_learned_projections():
+    learner = LocalLearner(mlp(), rule="learned", schedule="layerwise", epochs_per_layer=1, optimizer=sgd())
+    learner.step(*batch())
+    assert len(learner.learned_projections()) == 1  # block "3" has not run yet
+    learner.set_epoch(1)
+    assert not learner.learned_projections()[0].requires_grad
+    learner.step(*batch())
+    first, second = learner.learned_projections()
+    assert second.requires_grad and first.grad is None
 
 
 # ---------------------------------------------------------------- state

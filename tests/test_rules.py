@@ -3,17 +3,17 @@ import torch
 import torch.nn.functional as F
 
 from lightning_tpsgd import functional as TF
-from lightning_tpsgd.rules import TPSGDCE, CallableRule, LocalRule, create_rule, list_rules
+from lightning_tpsgd.rules import TPSGDCE, CallableRule, LearnedCE, LocalRule, create_rule, list_rules
 
 FUNCTIONAL = {"l1": TF.tpsgd_l1, "l2": TF.tpsgd_l2, "drtp": TF.drtp}
 
 
 def test_registry_lists_the_rules():
-    assert list_rules() == ["ce", "drtp", "l1", "l2"]
-    assert list_rules("l*") == ["l1", "l2"]
+    assert list_rules() == ["ce", "drtp", "l1", "l2", "learned"]
+    assert list_rules("l?") == ["l1", "l2"]
 
 
-@pytest.mark.parametrize("name", list_rules())
+@pytest.mark.parametrize("name", ["ce", "drtp", "l1", "l2"])
 def test_rule_class_matches_functional(name):
     rule = create_rule(name)
     h, y, P = torch.randn(3, 5), torch.tensor([0, 3, 3]), torch.randn(4, 5)
@@ -31,6 +31,20 @@ def test_ce_rule_needs_all_class_targets():
         create_rule("ce").loss(torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="kappa must be positive"):
         TPSGDCE(kappa=0)
+
+
+def test_learned_rule_is_a_linear_readout_initialised_from_the_projection():
+    rule = create_rule("learned")
+    assert isinstance(rule, LearnedCE) and rule.learns_projection and not rule.closed_form
+    h, y, W = torch.randn(3, 2, 4, 4), torch.tensor([0, 3, 3]), torch.randn(5, 2, 4, 4)
+    expected = F.cross_entropy(h.flatten(1) @ W.flatten(1).T, y)
+    torch.testing.assert_close(rule.projected_loss(h, y, W), expected)
+    torch.testing.assert_close(TF.readout_ce(h, y, W), expected)
+    P = torch.full((5, 2, 4, 4), 2.0)
+    torch.testing.assert_close(rule.init_projection(P), P / 32**0.5)  # logits of unit scale for unit-RMS h
+    assert all(not r.learns_projection for r in map(create_rule, ["ce", "l1", "l2", "drtp"]))
+    with pytest.raises(TypeError, match="needs the labels and the readout"):
+        rule.loss(h, W[y])
 
 
 @pytest.mark.parametrize("name", ["l1", "l2", "drtp"])
@@ -65,7 +79,10 @@ def test_rule_instances_pass_through():
 
 @pytest.mark.parametrize(
     ("spec", "error", "match"),
-    [("l3", ValueError, "Unknown rule 'l3'. Valid names: ce, drtp, l1, l2"), (3, TypeError, "rule must be a name")],
+    [
+        ("l3", ValueError, "Unknown rule 'l3'. Valid names: ce, drtp, l1, l2, learned"),
+        (3, TypeError, "rule must be a name"),
+    ],
 )
 def test_bad_rules(spec, error, match):
     with pytest.raises(error, match=match):

@@ -248,3 +248,32 @@ def test_16_mixed_loss_scaling_leaves_local_updates_unchanged():
     updates = [m.net[0].weight - initial for m in models]
     assert updates[0].abs().max() > 1e-4
     torch.testing.assert_close(updates[1], updates[0], rtol=2e-2, atol=1e-6)
+
+
+class AdamNet(Net):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_learned_projections_train_with_the_module_optimizer_and_resume_exactly(tmp_path):
+    def run(stop_after=None, ckpt_path=None):
+        L.seed_everything(0)
+        model = AdamNet()
+        t = trainer(
+            strategy=TPSGDStrategy(rule="learned"),
+            max_epochs=2,
+            max_steps=stop_after or -1,
+            enable_checkpointing=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)],
+        )
+        t.fit(model, loader(), ckpt_path=ckpt_path)
+        return model, t
+
+    full, t = run()
+    assert len(t.optimizers[0].param_groups) == 3  # the module's parameters, then one readout per hidden block
+    run(stop_after=4)  # one epoch of 4 batches
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert set(state["tpsgd"]["projections"]) == {"net.0", "net.3"}
+    resumed, _ = run(ckpt_path=tmp_path / "last.ckpt")
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
