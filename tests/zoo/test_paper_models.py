@@ -184,6 +184,10 @@ def test_vgg11_structure():
     assert sum(isinstance(m, nn.ReLU) for m in relu.modules()) == 10
     assert sum(isinstance(m, nn.BatchNorm2d) for m in relu.modules()) == 8
     assert sum(isinstance(m, nn.Dropout) for m in relu.modules()) == 2
+    half = create_model("vgg11", input_size=32, hidden=8, width=0.5)
+    widths = [c.out_channels for c in half.modules() if isinstance(c, nn.Conv2d)]
+    assert widths == [32, 64, 128, 128, 256, 256, 256, 256]
+    assert half[-1].in_features == 8 and half(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 # (model, kwargs, exception type, message regex), in the style of torch's ErrorOptimizerInput.
@@ -201,6 +205,7 @@ BAD_INPUTS = [
     ("vgg11", dict(input_size=16), ValueError, r"input_size=16 is too small; max-pool"),
     ("vgg11", dict(act="gelu"), ValueError, r"Unknown activation act='gelu'. Valid names: leaky_relu, relu"),
     ("vgg11", dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+    ("vgg11", dict(width=0), ValueError, r"width must be a positive number, got 0"),
 ]
 
 
