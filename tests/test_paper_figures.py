@@ -75,6 +75,8 @@ def test_quick_run_writes_labelled_report(module, data_dir, tmp_path, monkeypatc
     store = json.loads((out / f"{module.NAME}.json").read_text())
     assert store["settings"]["quick"] is True and store["runs"]
     assert all(0.0 <= r["acc"] <= 100.0 and r["fit_s"] >= 0 for r in store["runs"].values())
+    if module is not fig3:  # the rule-"learned" tpSGD runs are trained and reported beside the others
+        assert any(k.startswith("tpsgd-learned") for k in store["runs"]) and "tpsgd-learned" in md
     # a second call resumes: every run is already stored, nothing is retrained
     before = (out / f"{module.NAME}.json").read_text()
     module.main(argv)
