@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,42 @@ class Store:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+
+
+Job = tuple[str, Callable[[], dict[str, Any]]]
+
+
+def run_benchmark(
+    name: str,
+    argv: list[str] | None,
+    doc: str | None,
+    seeds: int,
+    budgets: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
+    jobs: Callable[[int, dict[str, Any], str], Iterator[Job]],
+    write_report: Callable[[Store, Path, bool], None],
+) -> None:
+    """The ``main`` of a paper-figure script: parse the options, train every run not stored yet, then report.
+
+    ``budgets`` is ``(full, quick, common)`` settings; ``jobs(seeds, settings, data_dir)`` yields ``(key, run)``
+    pairs in training order, ``run()`` returning the run's record (with ``acc`` and ``fit_s``). Records are
+    saved after every run, so an interrupted benchmark resumes where it stopped.
+    """
+    args = parser(doc, seeds).parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = out_dir(args)
+    full, quick, common = budgets
+    settings = {**(quick if args.quick else full), **common, "quick": args.quick}
+    store = Store(out / f"{name}.json", args.fresh, settings)
+    store.data["seeds"] = args.seeds
+    store.data["command"] = command(name, argv)
+    for key, run in jobs(args.seeds, settings, args.data_dir):
+        if key in store.runs:
+            continue
+        store.runs[key] = record = run()
+        print(f"{key}: {record['acc']:.2f}% in {record['fit_s']:.1f}s", flush=True)
+        store.save()
+    store.save()
+    write_report(store, out, args.quick)
 
 
 _DATAMODULES: dict[tuple, Any] = {}

@@ -17,6 +17,8 @@ restarts on a GPU; on 2 CPU cores we run a smaller grid for a short budget (stat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -257,26 +259,17 @@ def _plot(store: R.Store, path: Path, quick: bool) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = R.parser(__doc__, seeds=2).parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = R.out_dir(args)
-    settings = {**(QUICK if args.quick else FULL), **COMMON, "quick": args.quick}
-    store = R.Store(out / f"{NAME}.json", args.fresh, settings)
-    store.data["seeds"] = args.seeds
-    store.data["command"] = R.command(NAME, argv)
-    for seed in range(args.seeds):
+def _jobs(seeds: int, settings: dict[str, Any], data_dir: str) -> Iterator[R.Job]:
+    for seed in range(seeds):
         for c in settings["n_conv"]:
             for h in settings["n_hidden"]:
                 for method in METHODS:
-                    key = f"{method}/{c}/{h}/{seed}"
-                    if key in store.runs or (method == "control" and c == h == 0):
-                        continue
-                    store.runs[key] = run_one(method, c, h, seed, settings, args.data_dir)
-                    print(f"{key}: {store.runs[key]['acc']:.2f}% in {store.runs[key]['fit_s']:.1f}s", flush=True)
-                    store.save()
-    store.save()
-    write_report(store, out, args.quick)
+                    if not (method == "control" and c == h == 0):  # nothing to freeze: the control is BP
+                        yield f"{method}/{c}/{h}/{seed}", partial(run_one, method, c, h, seed, settings, data_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    R.run_benchmark(NAME, argv, __doc__, 2, (FULL, QUICK, COMMON), _jobs, write_report)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ Writes ``benchmarks/results/vgg11_imagenette.{md,json,png}`` (``--quick``: ``ben
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -235,24 +237,14 @@ def _plot(store: R.Store, path: Path, quick: bool) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = R.parser(__doc__, seeds=1).parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = R.out_dir(args)
-    settings = {**(QUICK if args.quick else FULL), **COMMON, "quick": args.quick}
-    store = R.Store(out / f"{NAME}.json", args.fresh, settings)
-    store.data["seeds"] = args.seeds
-    store.data["command"] = R.command(NAME, argv)
-    for seed in range(args.seeds):
+def _jobs(seeds: int, settings: dict[str, Any], data_dir: str) -> Iterator[R.Job]:
+    for seed in range(seeds):
         for row in METHODS:
-            key = f"{row}/{seed}"
-            if key in store.runs:
-                continue
-            store.runs[key] = run_one(row, seed, settings, args.data_dir)
-            print(f"{key}: {store.runs[key]['acc']:.2f}% in {store.runs[key]['fit_s']:.0f}s", flush=True)
-            store.save()
-    store.save()
-    write_report(store, out, args.quick)
+            yield f"{row}/{seed}", partial(run_one, row, seed, settings, data_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    R.run_benchmark(NAME, argv, __doc__, 1, (FULL, QUICK, COMMON), _jobs, write_report)
 
 
 if __name__ == "__main__":
