@@ -130,7 +130,7 @@ def make_datamodule(dataset: str, data_dir: str, seed: int, quick: bool, **overr
 
     common: dict[str, Any] = dict(data_dir=data_dir, batch_size=BATCH, seed=seed)
     if quick:
-        common.update(train_subset=2000 if dataset == "eeg" else 5000, test_subset=2000 if dataset != "eeg" else None)
+        common.update(train_subset=1000, test_subset=500 if dataset != "eeg" else None)
     common.update(overrides)
     if dataset in ("rows", "pixels"):
         return SeqMNISTDataModule(mode=dataset, source="npz", **common)
@@ -559,7 +559,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("TPSGD_DATA_DIR", "../shared/data"))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per network (default: 20; --quick: 3)")
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
@@ -582,6 +582,8 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, args.data_dir)
         return
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 20
     if args.quick and args.speed_batches is None:
         args.speed_batches = 20
     path = RESULTS / f"{NAME}.json"
