@@ -118,6 +118,21 @@ def cached_datamodule(cls: type, **kwargs: Any) -> Any:
     return _DATAMODULES[key]
 
 
+def datamodule(cls: type, settings: dict[str, Any], seed: int, data_dir: str, **extra: Any) -> Any:
+    """The benchmark's DataModule from the local ``.npz``: no validation holdout, the settings' batch and subsets."""
+    return cached_datamodule(
+        cls,
+        source="npz",
+        data_dir=data_dir,
+        batch_size=settings["batch_size"],
+        val_size=0,
+        seed=seed,
+        train_subset=settings["train_subset"],
+        test_subset=settings["test_subset"],
+        **extra,
+    )
+
+
 def trainable_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
 

@@ -48,16 +48,7 @@ def run_one(method: str, filters: int, seed: int, settings: dict[str, Any], data
     kind, kwargs = METHODS[method]
     if kwargs.get("rule") == "l2":
         kwargs = {**kwargs, "target_scale": settings["l2_target_scale"]}
-    dm = R.cached_datamodule(
-        MNISTDataModule,
-        source="npz",
-        data_dir=data_dir,
-        batch_size=settings["batch_size"],
-        val_size=0,
-        seed=seed,
-        train_subset=settings["train_subset"],
-        test_subset=settings["test_subset"],
-    )
+    dm = R.datamodule(MNISTDataModule, settings, seed, data_dir)
     torch.manual_seed(seed)
     model = create_model("convgrid", n_conv=1, n_hidden=0, num_classes=10, in_chans=1, input_size=28, filters=filters)
     out = R.train(model, kind, dm.train_dataloader(), settings["epochs"], settings["lr"], seed, kwargs)

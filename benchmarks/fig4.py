@@ -40,16 +40,7 @@ def run_one(method: str, n_conv: int, n_hidden: int, seed: int, settings: dict[s
     from lightning_tpsgd.data import CIFAR10DataModule
     from zoo import create_model
 
-    dm = R.cached_datamodule(
-        CIFAR10DataModule,
-        source="npz",
-        data_dir=data_dir,
-        batch_size=settings["batch_size"],
-        val_size=0,
-        seed=seed,
-        train_subset=settings["train_subset"],
-        test_subset=settings["test_subset"],
-    )
+    dm = R.datamodule(CIFAR10DataModule, settings, seed, data_dir)
     torch.manual_seed(seed)
     model = create_model(
         "convgrid", n_conv=n_conv, n_hidden=n_hidden, filters=settings["filters"], hidden=settings["hidden"]

@@ -69,18 +69,7 @@ def run_one(row: str, seed: int, settings: dict[str, Any], data_dir: str) -> dic
     from lightning_tpsgd.data import ImagenetteDataModule
 
     method, batch_norm, rule = METHODS[row]
-    dm = R.cached_datamodule(
-        ImagenetteDataModule,
-        source="npz",
-        data_dir=data_dir,
-        image_size=settings["image_size"],
-        decode="once",
-        batch_size=settings["batch_size"],
-        val_size=0,
-        seed=seed,
-        train_subset=settings["train_subset"],
-        test_subset=settings["test_subset"],
-    )
+    dm = R.datamodule(ImagenetteDataModule, settings, seed, data_dir, image_size=settings["image_size"], decode="once")
     torch.manual_seed(seed)
     model = _model(settings, batch_norm=batch_norm)
     out = R.train(
