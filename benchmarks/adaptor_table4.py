@@ -86,16 +86,11 @@ PAPER = {
 
 
 # ---------------------------------------------------------------------------------------------------- child process
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MB (10^6 bytes)."""
+    from ._memory import status_bytes  # imports torch: only in the row's child process
 
-
-def _mb(kib: int) -> float:
-    """/proc's kB (KiB) in MB (10^6 bytes)."""
-    return kib * 1024 / 1e6
+    return status_bytes(field) / 1e6
 
 
 def _strategy(method: str) -> Any:
@@ -134,14 +129,14 @@ def run_row(
     """Train one row for every seed in this process; returns its measurements."""
     import torch
 
-    rss_torch_kb = _status_kb("VmRSS")
+    rss_torch_mb = _rss_mb("VmRSS")
     import lightning as L
 
     from lightning_tpsgd.data import ImagenetteDataModule
     from zoo import FeatureCache, TimmAdaptor, backbone_data_config
 
     torch.set_num_threads(max(1, min(int(os.environ.get("TPSGD_THREADS", "2")), os.cpu_count() or 1)))
-    rss_imports_kb = _status_kb("VmRSS")
+    rss_imports_mb = _rss_mb("VmRSS")
     method, kwargs = ROWS[row]
     kwargs = {**kwargs, "extract_batch_size": HPARAMS["extract_batch_size"]}
     cfg = backbone_data_config(BACKBONE, IMG_SIZE)
@@ -198,7 +193,7 @@ def run_row(
         first_epochs += [t for t, misses in timer.times if misses > 0]
         print(f"[{row}] seed {seed}: {accs[-1]:.2f}%  epochs {[round(t, 1) for t, _ in timer.times]} s", flush=True)
     assert module is not None
-    peak_kb = _status_kb("VmHWM")
+    peak_mb = _rss_mb("VmHWM")
     trained_mb, trained_params = module.trainable_megabytes, module.trainable_parameters
     module = trainer = None
     gc.collect()
@@ -231,10 +226,10 @@ def run_row(
         "acc": accs,
         "trained_mb": trained_mb,
         "trained_params": trained_params,
-        "peak_rss_mb": _mb(peak_kb),
-        "peak_rss_process_mb": _mb(_status_kb("VmHWM")),
-        "rss_after_torch_mb": _mb(rss_torch_kb),
-        "rss_after_imports_mb": _mb(rss_imports_kb),
+        "peak_rss_mb": peak_mb,
+        "peak_rss_process_mb": _rss_mb("VmHWM"),
+        "rss_after_torch_mb": rss_torch_mb,
+        "rss_after_imports_mb": rss_imports_mb,
         "cache_storage": "memory" if cache_dir is None else "disk",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
