@@ -175,11 +175,12 @@ def tpsgd_ce_grad(
     cos, h_norm, P_norm = _cosines(h, P)
     logits = kappa * cos
     loss = F.cross_entropy(logits, y)
-    err = logits.softmax(dim=1)
+    err = logits.softmax(dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))  # >= float32, as autocast
     err[torch.arange(B, device=err.device), y] -= 1.0
     radial = (err * cos).sum(dim=1).div_(h_norm.square())  # (B,)
     err.div_(h_norm[:, None]).div_(P_norm[None, :])
     Pf, hf = P.reshape(P.shape[0], -1), h.reshape(B, -1)
+    err = err.to(Pf.dtype)  # an out= product takes no autocast: the operands must share out's dtype
     g = err @ Pf if out is None else torch.mm(err, Pf, out=out.view(B, -1))  # (B, F)
     g.addcmul_(hf, radial[:, None], value=-1.0)
     return loss, g.view(h.shape), kappa / B

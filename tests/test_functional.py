@@ -48,6 +48,17 @@ def test_ce_closed_form_gradient_matches_autograd(shape):
     torch.testing.assert_close((grad * h.detach()).flatten(1).sum(1), torch.zeros(shape[0], dtype=torch.float64))
 
 
+def test_ce_closed_form_gradient_in_bfloat16_writes_into_a_bfloat16_buffer():
+    # autocast gives bfloat16 outputs and a float32 softmax; the out= product must still work (CUDA AMP)
+    g = torch.Generator().manual_seed(0)
+    h, P, y = torch.randn(6, 16, generator=g), torch.randn(4, 16, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    _, expected, _ = TF.tpsgd_ce_grad(h, y, P)
+    out = torch.empty(6, 16, dtype=torch.bfloat16)
+    loss, grad, _ = TF.tpsgd_ce_grad(h.bfloat16(), y, P.bfloat16(), out=out)
+    assert grad.dtype == torch.bfloat16 and grad.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(grad.float(), expected, atol=2e-2, rtol=5e-2)
+
+
 def test_ce_is_small_when_outputs_point_to_their_class_target():
     P = torch.eye(3, 8)
     y = torch.tensor([0, 1, 2])
