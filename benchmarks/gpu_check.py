@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,7 +162,7 @@ def main() -> None:
     lines = [
         f"# Device check on {device_name}",
         "",
-        f"Command: `python -m benchmarks.gpu_check {'--quick ' if args.quick else ''}--device {args.device}`; "
+        f"Command: `python -m benchmarks.gpu_check {' '.join(sys.argv[1:])}`; "
         f"{steps} timed steps after 2 warm-up steps; peak memory = {memory}.",
         "",
         "| model | precision | batch | BP samples/s | tpSGD samples/s | speed ratio | BP peak MB | tpSGD peak MB "

@@ -129,8 +129,10 @@ def make_datamodule(dataset: str, data_dir: str, seed: int, quick: bool, **overr
     from lightning_tpsgd.data import EEGSeizureDataModule, Sentiment140DataModule, SeqMNISTDataModule
 
     common: dict[str, Any] = dict(data_dir=data_dir, batch_size=BATCH, seed=seed)
-    if quick:
-        common.update(train_subset=1000, test_subset=500 if dataset != "eeg" else None)
+    if quick:  # a few batches per split: checks that everything runs, in about a minute for all runs
+        common.update(train_subset=512, test_subset=256)
+        if dataset != "eeg":  # EEG's default validation holdout is already small
+            common.update(val_size=256)
     common.update(overrides)
     if dataset in ("rows", "pixels"):
         return SeqMNISTDataModule(mode=dataset, source="npz", **common)
@@ -185,8 +187,10 @@ def _strategy(column: str, model: str, dataset: str, epochs: int) -> Any:
     )
 
 
-def run_one(table: str, dataset: str, column: str, seed: int, epochs: int, data_dir: str, quick: bool) -> dict:
-    """Train (unless ``column == "random"``) and test one network; returns accuracy and timings."""
+def run_one(
+    table: str, dataset: str, column: str, seed: int, epochs: int, data_dir: str, quick: bool, accelerator: str = "cpu"
+) -> dict:
+    """Train (unless ``column == "random"``) and test one network; returns accuracy, timings and the device."""
     import lightning as L
 
     from zoo import SequenceClassifier
@@ -208,7 +212,8 @@ def run_one(table: str, dataset: str, column: str, seed: int, epochs: int, data_
     )
     log = _EpochLog()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         max_epochs=epochs,
         strategy=_strategy(column, TABLES[table], dataset, epochs),
         callbacks=[log],
@@ -223,7 +228,19 @@ def run_one(table: str, dataset: str, column: str, seed: int, epochs: int, data_
         trainer.fit(module, datamodule=dm)
     fit_s = time.perf_counter() - start
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
-    return {"acc": 100 * test["test_acc"], "fit_s": fit_s, "epoch_s": log.times, "val_acc": log.val_acc}
+    return {
+        "acc": 100 * test["test_acc"],
+        "fit_s": fit_s,
+        "epoch_s": log.times,
+        "val_acc": log.val_acc,
+        "device": _device_name(trainer.strategy.root_device),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    """E.g. ``"cpu, torch 2.14.1"`` or ``"NVIDIA H200, torch 2.11.0"``: where a run was measured."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name}, torch {torch.__version__.split('+')[0]}"
 
 
 def _key(table: str, dataset: str, column: str, seed: int, epochs: int, quick: bool) -> str:
@@ -235,14 +252,38 @@ def accuracy_part(args: argparse.Namespace, store: dict) -> None:
     for table in args.tables:
         for dataset in args.datasets:
             for column in args.columns:
-                for seed in range(args.seeds):
+                for seed in args.seed_ids or range(args.seeds):
                     key = _key(table, dataset, column, seed, args.epochs, args.quick)
                     if key in results:
                         continue
-                    out = run_one(table, dataset, column, seed, args.epochs, args.data_dir, args.quick)
+                    out = run_one(
+                        table, dataset, column, seed, args.epochs, args.data_dir, args.quick, args.accelerator
+                    )
                     results[key] = out
                     print(f"{key}: {out['acc']:.2f}% in {out['fit_s']:.0f}s", flush=True)
-                    _save(store)
+                    _save(store, args.store)
+
+
+def merge_stores(store: dict, paths: list[str]) -> None:
+    """Add the runs saved in other result files (e.g. parallel runs on another machine); kept entries win.
+
+    Accuracy runs and speed entries are merged one by one, other parts (``memory``, ``memory/cuda``) whole.
+    """
+    for path in paths:
+        other = json.loads(Path(path).read_text())
+        for part, entries in other.items():
+            if part in ("accuracy", "speed"):
+                mine = store.setdefault(part, {})
+                added = [key for key in entries if key not in mine]
+                mine.update({key: entries[key] for key in added})
+                print(f"{path}: merged {len(added)} of {len(entries)} {part} entries", flush=True)
+            elif part == "commands":
+                for name, commands in entries.items():
+                    mine = store.setdefault(part, {}).setdefault(name, [])
+                    mine += [c for c in commands if c not in mine]
+            elif part not in store:
+                store[part] = entries
+                print(f"{path}: merged {part}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- speed
@@ -282,7 +323,8 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
                 strategy = TPSGDStrategy(rule="l2", overrides={"net.0": {"rule": "l1"}}) if method != "bptt" else "auto"
                 log = _EpochLog()
                 trainer = L.Trainer(
-                    accelerator="cpu",
+                    accelerator=args.accelerator,
+                    devices=1,
                     max_epochs=1,
                     strategy=strategy,
                     callbacks=[log],
@@ -302,7 +344,8 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
             return statistics.median(b / a for a, b in zip(times[method], times["bptt"], strict=True))
 
         batches = min(args.speed_batches or len(dm.train_dataloader()), len(dm.train_dataloader()))
-        results[dataset] = {
+        results[dataset if args.accelerator == "cpu" else f"{dataset}/{args.accelerator}"] = {
+            "device": _device_name(trainer.strategy.root_device),
             "local_s": statistics.median(wall["local"]),
             "local_bf16_s": statistics.median(wall["local-bf16"]),
             "bptt_s": statistics.median(wall["bptt"]),
@@ -317,13 +360,17 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
             "rounds": rounds,
             "threads": torch.get_num_threads(),
         }
-        print(f"speed {dataset}: {json.dumps(results[dataset])}", flush=True)
-        _save(store)
+        print(f"speed {dataset}: {json.dumps(results)}", flush=True)
+        _save(store, args.store)
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def memory_child(method: str, data_dir: str, steps: int = 2) -> None:
-    """Runs in a fresh process: extra peak RSS and autograd-held bytes of a training step at T=784."""
+def memory_child(method: str, data_dir: str, accelerator: str = "cpu", steps: int = 2) -> None:
+    """Runs in a fresh process: extra peak RSS and autograd-held bytes of a training step at T=784.
+
+    On CUDA it also reports the peak of ``torch.cuda.max_memory_allocated`` above the memory held before the
+    measured steps (model, optimizer state, batch).
+    """
     from lightning_tpsgd import LocalLearner
     from zoo import create_model
 
@@ -332,8 +379,10 @@ def memory_child(method: str, data_dir: str, steps: int = 2) -> None:
     dm.setup()
     x, y = dm.test_dataset.tensors
     del dm
+    device = torch.device("cuda" if accelerator in ("cuda", "gpu") else accelerator)
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
-    model = create_model("rnn1", num_classes=10, input_size=1, hidden_size=HIDDEN, nonlinearity="tanh")
+    model = create_model("rnn1", num_classes=10, input_size=1, hidden_size=HIDDEN, nonlinearity="tanh").to(device)
     if method == "local":
         learner = LocalLearner(
             model, rule="l2", overrides={"0": {"rule": "l1"}}, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3)
@@ -347,38 +396,53 @@ def memory_child(method: str, data_dir: str, steps: int = 2) -> None:
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
 
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     run(x, y)  # warm-up: optimizer state, projections and thread pools exist afterwards
     gc.collect()
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
     base = reset_peak_rss()
     start = time.perf_counter()
     for _ in range(steps):
         run(x, y)
+    sync()
     step_s = (time.perf_counter() - start) / steps
     peak = status_bytes("VmHWM")
+    result = {"extra_peak_rss": peak - base, "step_s": step_s}
+    if cuda:
+        result["cuda_peak"] = torch.cuda.max_memory_allocated() - cuda_base
     meter = SavedTensorMeter()
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         run(x, y)
-    print(json.dumps({"extra_peak_rss": peak - base, "autograd_peak": meter.peak, "step_s": step_s}))
+    print(json.dumps({**result, "autograd_peak": meter.peak}))
 
 
 def memory_part(args: argparse.Namespace, store: dict) -> None:
-    results = store.setdefault("memory", {})
+    key = "memory" if args.accelerator == "cpu" else f"memory/{args.accelerator}"
+    results = store.setdefault(key, {})
     for method in ("local", "bptt"):
         cmd = [sys.executable, "-m", f"benchmarks.{NAME}", "--memory-child", method, "--data-dir", args.data_dir]
+        cmd += ["--accelerator", args.accelerator]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows allocations (no arena slack)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1], env=env)
         results[method] = json.loads(out.stdout.strip().splitlines()[-1])
     local, bptt = results["local"], results["bptt"]
     results["rss_ratio"] = local["extra_peak_rss"] / bptt["extra_peak_rss"]
     results["autograd_ratio"] = local["autograd_peak"] / max(bptt["autograd_peak"], 1)
+    if "cuda_peak" in local:
+        results["cuda_ratio"] = local["cuda_peak"] / max(bptt["cuda_peak"], 1)
     print("memory (T=784):", json.dumps(results), flush=True)
-    _save(store)
+    _save(store, args.store)
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def _save(store: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(store, indent=1, sort_keys=True))
+def _save(store: dict, path: str | None = None) -> None:
+    target = Path(path) if path else RESULTS / f"{NAME}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(store, indent=1, sort_keys=True))
 
 
 def _runs(store: dict, table: str, dataset: str, column: str, epochs: int, quick: bool) -> list[dict]:
@@ -399,6 +463,12 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
         "# Recurrent networks trained with local targets: paper Tables 5, 7 and 8",
         "",
         f"Command: `{command}`  ",
+        *[
+            f"Earlier, for `{part}`: `{c}`  "
+            for part, cs in store.get("commands", {}).items()
+            for c in cs
+            if c != command
+        ],
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads.  ",
         f"Settings: hidden size {HIDDEN}, batch {BATCH}, {args.epochs} epochs, Adam; "
         f"{'**quick mode: small subsets, not comparable with the paper**' if args.quick else 'full datasets'}.",
@@ -409,6 +479,7 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
         "UCF101 and Twitter (Word2Vec) rows of the paper are not reproduced: their pre-extracted features are "
         "not available offline.",
         "",
+        *_device_lines(store, args),
     ]
     for table in args.tables:
         lines += [f"## {TABLE_TITLES[table]} (`{TABLES[table]}`)", ""]
@@ -431,6 +502,29 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
     _plot(store, args)
     print("\n".join(lines))
+
+
+def _device_lines(store: dict, args: argparse.Namespace) -> list[str]:
+    """Where the accuracy runs of each dataset were measured (runs saved before devices were recorded: CPU)."""
+    lines = []
+    for dataset in args.datasets:
+        counts: dict[str, int] = {}
+        for table in args.tables:
+            for column in COLUMNS:
+                for run in _runs(store, table, dataset, column, args.epochs, args.quick):
+                    device = run.get("device", "cpu")
+                    counts[device] = counts.get(device, 0) + 1
+        if counts:
+            where = ", ".join(f"{device} ({n} runs)" for device, n in sorted(counts.items()))
+            lines.append(f"- {DATASET_TITLES[dataset]}: {where}")
+    if not lines:
+        return []
+    return [
+        "Where the runs were measured (a run's accuracy does not depend on the device beyond rounding):",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def _target_lines(store: dict, args: argparse.Namespace) -> list[str]:
@@ -492,9 +586,9 @@ def _timing_lines(store: dict, args: argparse.Namespace) -> list[str]:
             '`local-bf16`: the same local step with `grad_dtype="bfloat16"` (the pseudo-gradient products',
             "in bfloat16, the forward pass unchanged in float32).",
             "",
-            "| dataset | batches | threads | BPTT (s) | local (s) | speed-up (wall / CPU) | local-bf16 (s) "
+            "| dataset | device | batches | threads | BPTT (s) | local (s) | speed-up (wall / CPU) | local-bf16 (s) "
             "| speed-up (wall / CPU) |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for dataset, r in speed.items():
 
@@ -502,28 +596,33 @@ def _timing_lines(store: dict, args: argparse.Namespace) -> list[str]:
                 return f"{r[key]:.2f}× / {r[key + '_cpu']:.2f}×" if key + "_cpu" in r else f"{r[key]:.2f}× / –"
 
             lines.append(
-                f"| {DATASET_TITLES.get(dataset, dataset)} | {r['batches']} | {r.get('threads', '–')} "
+                f"| {DATASET_TITLES.get(dataset.split('/')[0], dataset)} | {r.get('device', 'cpu')} "
+                f"| {r['batches']} | {r.get('threads', '–')} "
                 f"| {r['bptt_s']:.1f} | {r['local_s']:.1f} | {ratio('speedup')} "
                 f"| {r['local_bf16_s']:.1f} | {ratio('speedup_bf16')} |"
             )
         lines.append("")
-    mem = store.get("memory", {})
-    if "local" in mem:
+    for key in sorted(k for k in store if k.startswith("memory")):
+        mem = store[key]
+        if "local" not in mem:
+            continue
+        cuda = "cuda_peak" in mem["local"]
         lines += [
             "One training step of rnn1 at Seq-MNIST pixels without downsampling (T=784, hidden 512, batch 128),",
-            "each method in a fresh process:",
+            f"each method in a fresh process, on {'CUDA' if cuda else 'the CPU'}:",
             "",
-            "| method | bytes held by autograd (MB) | extra peak RSS (MB) | step (s) |",
-            "|---|---|---|---|",
+            "| method | bytes held by autograd (MB) | extra peak RSS (MB) | "
+            + ("CUDA peak above model + batch (MB) | " if cuda else "")
+            + "step (s) |",
+            "|---|---|---|" + ("---|" if cuda else "") + "---|",
         ]
         for method in ("local", "bptt"):
             r = mem[method]
             held, rss = r["autograd_peak"] / 2**20, r["extra_peak_rss"] / 2**20
-            lines.append(f"| {method} | {held:.1f} | {rss:.0f} | {r['step_s']:.2f} |")
-        lines += [
-            f"| ratio local / BPTT | {mem['autograd_ratio']:.3f} | {mem['rss_ratio']:.2f} | |",
-            "",
-        ]
+            cuda_cell = f"{r['cuda_peak'] / 2**20:.1f} | " if cuda else ""
+            lines.append(f"| {method} | {held:.1f} | {rss:.1f} | {cuda_cell}{r['step_s']:.3f} |")
+        cuda_ratio = f"{mem['cuda_ratio']:.3f} | " if cuda else ""
+        lines += [f"| ratio local / BPTT | {mem['autograd_ratio']:.3f} | {mem['rss_ratio']:.3f} | {cuda_ratio}|", ""]
     return lines
 
 
@@ -575,22 +674,36 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="small subsets (labelled in the report)")
     parser.add_argument("--fresh", action="store_true", help="ignore results saved by earlier runs")
+    parser.add_argument("--seed-ids", type=int, nargs="+", default=None, help="run these seeds instead of 0..N-1")
+    parser.add_argument("--accelerator", default="cpu", help='Lightning accelerator of the runs, e.g. "cuda"')
+    parser.add_argument("--store", default=None, help=f"results file (default: benchmarks/results/{NAME}.json)")
+    parser.add_argument("--merge", nargs="+", default=[], help="add the accuracy runs of these results files")
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite the markdown report and plot")
     parser.add_argument("--memory-child", choices=("local", "bptt"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        memory_child(args.memory_child, args.data_dir)
+        memory_child(args.memory_child, args.data_dir, args.accelerator)
         return
     if args.epochs is None:
         args.epochs = 3 if args.quick else 20
     if args.quick and args.speed_batches is None:
         args.speed_batches = 20
-    path = RESULTS / f"{NAME}.json"
+    path = Path(args.store) if args.store else RESULTS / f"{NAME}.json"
     store = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    if args.merge:
+        merge_stores(store, args.merge)
+        _save(store, args.store)
+    command = "python -m benchmarks.rnn_tables " + " ".join(sys.argv[1:])
     for part in args.parts:
         {"accuracy": accuracy_part, "speed": speed_part, "memory": memory_part}[part](args, store)
-    write_report(store, args, "python -m benchmarks.rnn_tables " + " ".join(sys.argv[1:]))
+        commands = store.setdefault("commands", {}).setdefault(part, [])
+        if command not in commands:  # the report lists every command that added results
+            commands.append(command)
+            _save(store, args.store)
+    if not args.no_report:
+        write_report(store, args, command)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (small and on CPU, as CI can)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,3 +17,22 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     subprocess.run([*cmd, "--models", "cnn2", "--out", str(out)], cwd=ROOT, check=True, timeout=600)
     text = out.read_text()
     assert "| cnn2 | fp32 |" in text and "| cnn2 | bf16 |" in text
+
+
+def test_rnn_tables_merges_parallel_result_files(tmp_path):
+    from benchmarks.rnn_tables import merge_stores
+
+    kept = {"acc": 90.0}
+    store = {"accuracy": {"5/rows/l1/0/e20": kept}, "commands": {"accuracy": ["a"]}}
+    other = {
+        "accuracy": {"5/rows/l1/0/e20": {"acc": 1.0}, "5/rows/l1/1/e20": {"acc": 91.0}},
+        "speed": {"rows/cuda": {"speedup": 0.8}},
+        "memory/cuda": {"rss_ratio": 0.1},
+        "commands": {"accuracy": ["a", "b"]},
+    }
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(other))
+    merge_stores(store, [str(path)])
+    assert store["accuracy"] == {"5/rows/l1/0/e20": kept, "5/rows/l1/1/e20": {"acc": 91.0}}  # kept entries win
+    assert store["speed"] == {"rows/cuda": {"speedup": 0.8}} and store["memory/cuda"] == {"rss_ratio": 0.1}
+    assert store["commands"] == {"accuracy": ["a", "b"]}
