@@ -48,6 +48,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKBONE = "tf_efficientnet_lite0"
 IMG_SIZE = 112
+QUICK_TRAIN, QUICK_TEST = 640, 320  # --quick: images of the seeded subsets (a smoke test, minutes)
 DEEP_TAPS = (2, 3, 4)  # stride 8, 16, 32 feature maps of EfficientNet-Lite0 (40, 112, 320 channels)
 
 # Chosen on the training holdout (--tune), never on the reported split.
@@ -140,7 +141,7 @@ def run_row(
     method, kwargs = ROWS[row]
     kwargs = {**kwargs, "extract_batch_size": HPARAMS["extract_batch_size"]}
     cfg = backbone_data_config(BACKBONE, IMG_SIZE)
-    subsets = dict(train_subset=1500, test_subset=500) if quick else {}
+    subsets = dict(train_subset=QUICK_TRAIN, test_subset=QUICK_TEST) if quick else {}
     dm = ImagenetteDataModule(
         source="npz",
         data_dir=data_dir,
@@ -271,7 +272,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def write_report(results: dict[str, dict], command: str, args: argparse.Namespace) -> Path:
     split = "training holdout (1000 images, --tune)" if args.tune else "Imagenette val (3925 images)"
     if args.quick:
-        split = "quick subset: 1500 train / 500 " + ("holdout" if args.tune else "val") + " images"
+        split = f"quick subset: {QUICK_TRAIN} train / {QUICK_TEST} " + ("holdout" if args.tune else "val") + " images"
     first = next(iter(results.values()))
     lines = [
         "# Table 4: adaptors on a frozen pretrained backbone (tpSGD vs BP vs transfer)",
@@ -405,10 +406,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("TPSGD_DATA_DIR", "../shared/data"))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="1500 train / 500 eval images, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN}/{QUICK_TEST} images, 2 epochs")
     parser.add_argument("--tune", action="store_true", help="report the training holdout, not the val split")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    parser.add_argument("--uncached-batches", type=int, default=10)
+    parser.add_argument("--uncached-batches", type=int, default=None, help="default: 10 (--quick: 3)")
     parser.add_argument(
         "--cache", choices=("disk", "memory"), default="disk", help="where the feature cache lives (default: disk)"
     )
@@ -416,6 +417,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None, help="write here instead of benchmarks/results[/quick]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.uncached_batches is None:
+        args.uncached_batches = 3 if args.quick else 10
     if args.child:
         with tempfile.TemporaryDirectory(prefix="adaptor_table4-", dir=args.cache_dir) as tmp:
             cache_dir = tmp if args.cache == "disk" else None

@@ -46,8 +46,10 @@ Row = tuple[str, str, str, str]  # item, paper, ours, section
 def _ms(values: list[float], digits: int = 1, unit: str = "") -> str:
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}{unit} (1 seed)"
+    if len(values) < 3:
+        spread = "" if len(values) == 1 else f" ± {statistics.stdev(values):.{digits}f}"
+        seeds = "1 seed" if len(values) == 1 else "2 seeds"
+        return f"{statistics.mean(values):.{digits}f}{spread}{unit} ({seeds})"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{unit}"
 
 
@@ -168,6 +170,9 @@ def _rnn(d: dict[str, Any], quick: bool) -> list[Row]:
             for c in shown
             if (table, dataset, c, epochs) in groups
         )
+        if not ours:
+            untrained = _ms(groups[(table, dataset, "random", epochs)], 1, " %")
+            ours = f"not run (only the untrained network: {untrained})"
         paper_vals = PAPER.get((table, dataset))
         paper = "; ".join(f"{c} {paper_vals[COLUMNS.index(c)]} %" for c in shown if c in COLUMNS) if paper_vals else "–"
         rows.append((f"Table {table} · {DATASET_TITLES.get(dataset, dataset)} ({epochs})", paper, ours, "rnn_tables"))
@@ -221,6 +226,18 @@ def _fig4(d: dict[str, Any], quick: bool) -> list[Row]:
     return [("Figure 4 · tpSGD vs BP gap", paper, ours, "fig4")]
 
 
+def _gpu_check(d: dict[str, Any], quick: bool) -> list[Row]:
+    parts = []
+    for name in ("cnn2", "convnet4", "adaptor"):
+        bp, ours = d.get(f"{name}/fp32/bp"), d.get(f"{name}/fp32/tpsgd-ce")
+        if bp and ours:
+            speed = ours["samples_per_s"] / bp["samples_per_s"]
+            memory = ours["peak_bytes"] / bp["peak_bytes"] if bp["peak_bytes"] >= 2**20 else float("nan")
+            parts.append(f"{name} {speed:.2f}× BP's throughput, {memory:.2f}× its peak memory")
+    paper = "Table 3 (RTX A5000): tpSGD 2.7 s vs BP 2.3 s (MNIST), 4.6 s vs 4.8 s (CIFAR-10)"
+    return [("Device check · tpSGD vs BP per step, fp32", paper, "; ".join(parts) or "no rows", "gpu_check")]
+
+
 SUMMARIES: list[tuple[str, str, str, Callable[[dict[str, Any], bool], list[Row]]]] = [
     ("table2", "Table 2", "ZORB / LM-KARnet / tpSGD, MNIST MLP", _table2),
     ("core", "Table 3", "shallow CNN, MNIST and CIFAR-10", _core),
@@ -229,6 +246,7 @@ SUMMARIES: list[tuple[str, str, str, Callable[[dict[str, Any], bool], list[Row]]
     ("rnn_tables", "Tables 5, 7, 8", "recurrent networks", _rnn),
     ("fig3", "Figure 3", "naive vs filter projections", _fig3),
     ("fig4", "Figure 4", "CNN scaling grid", _fig4),
+    ("gpu_check", "Device check", "CUDA throughput and memory", _gpu_check),
 ]
 
 
@@ -238,7 +256,8 @@ def summary(results: Path, quick: bool = False) -> list[str]:
         "## Paper claim vs ours",
         "",
         "Mean ± std over seeds (the paper: mean (std) over 25 restarts, TensorFlow on an RTX A5000 GPU; ours: "
-        "PyTorch on a shared CPU, so compare accuracies and time *ratios*, not seconds). Details in each section.",
+        "PyTorch on a shared 2-core CPU, except where a section names a GPU, so compare accuracies and time "
+        "*ratios*, not seconds). Details in each section.",
         "",
         "| Paper item | Paper | Ours | Section |",
         "|---|---|---|---|",
