@@ -494,6 +494,7 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
             lines.append(f"| {DATASET_TITLES[dataset]} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _target_lines(store, args)
+    lines += _crosscheck_lines(store)
     lines += _comparison_lines(store, args)
     lines += _timing_lines(store, args)
     lines += ["", "### Settings per dataset", "", "| dataset | settings |", "|---|---|"]
@@ -531,6 +532,35 @@ def _best(*values: float) -> float:
     """The largest of the values that were measured (NaN: not run); NaN if none was."""
     measured = [v for v in values if v == v]
     return max(measured) if measured else float("nan")
+
+
+def _crosscheck_lines(store: dict) -> list[str]:
+    """Runs saved in other ``rnn_tables_*.json`` files beside the store, next to the store's run of the same key.
+
+    E.g. ``rnn_tables_h200.json`` (the runs as they came from a GPU) and ``rnn_tables_cpu_check.json`` (the same
+    seeds rerun on the CPU): the same settings on another device, or a rerun.
+    """
+    accuracy = store.get("accuracy", {})
+    rows = []
+    for path in sorted(RESULTS.glob(f"{NAME}_*.json")):
+        for key, run in sorted(json.loads(path.read_text()).get("accuracy", {}).items()):
+            mine = accuracy.get(key)
+            if mine is None or mine is run or mine == run:
+                continue  # not in the table, or the very run the table shows
+            rows.append(
+                f"| `{key}` | {mine['acc']:.2f} ({mine.get('device', 'cpu')}) | {run['acc']:.2f} "
+                f"({run.get('device', 'cpu')}) | `{path.name}` |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Reruns of table runs (other devices or processes)",
+        "",
+        "| run | in the tables | rerun | file |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _signed(value: float) -> str:
