@@ -9,6 +9,7 @@ in the script's JSON file, so an interrupted benchmark resumes where it stopped 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import statistics
@@ -37,6 +38,13 @@ def parser(doc: str | None, seeds: int) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     p.add_argument("--fresh", action="store_true", help="ignore runs saved by an earlier invocation")
     p.add_argument("--out-dir", default=None, help="write here instead of benchmarks/results[/quick]")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PATTERN",
+        help="train only the runs whose key (e.g. 'bp/2') matches one of these shell patterns; "
+        "the report still shows every stored run",
+    )
     return p
 
 
@@ -62,6 +70,11 @@ class Store:
         self.data: dict[str, Any] = data
         self.data["settings"] = settings
         self.runs: dict[str, dict[str, Any]] = self.data.setdefault("runs", {})
+
+    @property
+    def commands(self) -> list[str]:
+        """The command of the last full invocation, then those of the partial (``--only``) ones."""
+        return [c for c in (self.data.get("command"), *self.data.get("partial_commands", [])) if c]
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,10 +105,16 @@ def run_benchmark(
     full, quick, common = budgets
     settings = {**(quick if args.quick else full), **common, "quick": args.quick}
     store = Store(out / f"{name}.json", args.fresh, settings)
-    store.data["seeds"] = args.seeds
-    store.data["command"] = command(name, argv)
+    if args.only:  # a partial run: its command joins the full run's
+        partial = store.data.setdefault("partial_commands", [])
+        if command(name, argv) not in partial:
+            partial.append(command(name, argv))
+        store.data["seeds"] = max(store.data.get("seeds", 0), args.seeds)
+    else:
+        store.data["seeds"] = args.seeds
+        store.data["command"] = command(name, argv)
     for key, run in jobs(args.seeds, settings, args.data_dir):
-        if key in store.runs:
+        if key in store.runs or (args.only and not any(fnmatch.fnmatchcase(key, p) for p in args.only)):
             continue
         store.runs[key] = record = run()
         print(f"{key}: {record['acc']:.2f}% in {record['fit_s']:.1f}s", flush=True)
@@ -236,7 +255,7 @@ def mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def header(title: str, script: str, cmd: str, quick: bool) -> list[str]:
+def header(title: str, script: str, commands: list[str], quick: bool) -> list[str]:
     lines = [f"## {title} (benchmarks/{script}.py)", ""]
     if quick:
         lines += [QUICK_LABEL, ""]
@@ -244,9 +263,10 @@ def header(title: str, script: str, cmd: str, quick: bool) -> list[str]:
         f"Machine: {os.cpu_count()} CPU cores shared with other jobs, torch {torch.__version__}, "
         "CPU, float32. Times are wall-clock on that shared machine: compare them within a table only.",
         "",
-        "Command (repository root, `../shared/data` holding the `.npz` files):",
+        "Command (repository root, `../shared/data` holding the `.npz` files)"
+        + (", then the partial runs that added runs:" if len(commands) > 1 else ":"),
         "",
-        f"    {cmd}",
+        *[f"    {cmd}" for cmd in commands],
         "",
     ]
     return lines

@@ -130,7 +130,7 @@ def _subset(n: int | None, total: int) -> str:
 def write_report(store: R.Store, out: str, quick: bool) -> None:
     settings = store.data["settings"]
     filters = settings["filters"]
-    lines = R.header("Figure 3: naive vs filter-based Conv2d projections", NAME, store.data["command"], quick)
+    lines = R.header("Figure 3: naive vs filter-based Conv2d projections", NAME, store.commands, quick)
     lines += [
         "Model: `convgrid(n_conv=1, n_hidden=0, in_chans=1, input_size=28, filters=K)` = Conv2d(1, K, 5) → "
         "LeakyReLU(0.01) → Flatten → Linear(K·24·24, 10), the paper's Figure 3 model.",

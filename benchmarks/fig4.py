@@ -86,7 +86,7 @@ def write_report(store: R.Store, out: Path, quick: bool) -> None:
     def secs(m: str) -> Any:
         return lambda c, h: f"{R.mean([r['fit_s'] / len(r['epoch_s']) for r in _runs(store, m, c, h)]):.1f}"
 
-    lines = R.header("Figure 4: CNN scaling grid on CIFAR-10, tpSGD vs BP", NAME, store.data["command"], quick)
+    lines = R.header("Figure 4: CNN scaling grid on CIFAR-10, tpSGD vs BP", NAME, store.commands, quick)
     lines += [
         f"Grid: n_conv ∈ {s['n_conv']} (Conv2d(k=5, {s['filters']} filters, stride 1, valid padding) + "
         f"LeakyReLU(0.01)) × n_hidden ∈ {s['n_hidden']} (Linear({s['hidden']}) + LeakyReLU(0.01)), then the final "

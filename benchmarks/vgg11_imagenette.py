@@ -96,7 +96,7 @@ def write_report(store: R.Store, out: Path, quick: bool) -> None:
     s = store.data["settings"]
     full_64 = R.param_bytes(_model(s, width=1.0)) / 1e6
     full_224 = R.param_bytes(_model(s, width=1.0, input_size=224)) / 1e6
-    lines = R.header("Table 4, first row: full VGG11 from scratch on Imagenette", NAME, store.data["command"], quick)
+    lines = R.header("Table 4, first row: full VGG11 from scratch on Imagenette", NAME, store.commands, quick)
     lines += [
         f"Model: `zoo.vgg11(input_size={s['image_size']}, width={s['width']}, hidden={s['hidden']}, "
         f"dropout={s['dropout']}[, batch_norm=True])`: 8 Conv2d(k3, pad 1) [+ BatchNorm2d] + LeakyReLU(0.01) with "
@@ -115,7 +115,8 @@ def write_report(store: R.Store, out: Path, quick: bool) -> None:
         "backpropagation; **control**: every layer but the last frozen at its random initialisation (random "
         "features); **-bn**: the same with a BatchNorm2d after every convolution (`vgg11_bn`; its parameters "
         "belong to the conv's block).",
-        f"Seeds: {store.data['seeds']} (the paper: 25 random restarts). The script resumes from its JSON, so rows "
+        f"Seeds: up to {store.data['seeds']} per row, n in the table (the paper: 25 random restarts). The script "
+        "resumes from its JSON, so rows "
         "may come from different invocations (the full run's tpsgd-learned rows were added later) and ran under "
         "different loads of the shared machine: compare times across rows with care.",
         "",
@@ -138,7 +139,7 @@ def write_report(store: R.Store, out: Path, quick: bool) -> None:
         curve = " → ".join(f"{R.mean(list(v)):.1f}" for v in zip(*[r["test_curve"] for r in runs], strict=True))
         paper = PAPER.get(METHODS[row][0], "–")
         lines.append(
-            f"| {row} | {R.mean_std([r['acc'] for r in runs])} | {paper} | {size:.2f} | "
+            f"| {row} | {R.mean_std([r['acc'] for r in runs])} (n={len(runs)}) | {paper} | {size:.2f} | "
             f"{PAPER['size_mb'] if paper != '–' else '–'} | {epoch:.0f} | {curve} |"
         )
     lines += [

@@ -101,3 +101,22 @@ def test_fig3_verdict_reads_the_data(tmp_path):
     text = "\n".join(fig3.verdict(store, [1, 32]))
     ce, l2 = (line for line in text.splitlines() if "paper's finding" in line)
     assert "**holds**" in ce and "**does not hold**" in l2
+
+
+def test_only_trains_the_matching_runs_and_records_its_command(tmp_path):
+    trained: list[str] = []
+
+    def jobs(seeds, settings, data_dir):
+        for seed in range(seeds):
+            for row in ("bp", "tpsgd"):
+                key = f"{row}/{seed}"
+                yield key, lambda key=key: trained.append(key) or {"acc": 50.0, "fit_s": 0.0}
+
+    reports: list[_paper_runs.Store] = []
+    full = ["--seeds", "1", "--out-dir", str(tmp_path)]
+    _paper_runs.run_benchmark("demo", full, None, 1, ({}, {}, {}), jobs, lambda s, out, q: reports.append(s))
+    partial = ["--seeds", "3", "--only", "bp/*", "--out-dir", str(tmp_path)]
+    _paper_runs.run_benchmark("demo", partial, None, 1, ({}, {}, {}), jobs, lambda s, out, q: reports.append(s))
+    assert trained == ["bp/0", "tpsgd/0", "bp/1", "bp/2"]
+    store = reports[-1]
+    assert store.data["seeds"] == 3 and len(store.commands) == 2 and "--only bp/*" in store.commands[1]
