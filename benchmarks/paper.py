@@ -83,15 +83,17 @@ def plan(args: argparse.Namespace) -> list[Job]:
     threads = ["--threads", str(args.threads)] if args.threads else []
     out = ["--out-dir", args.out_dir] if args.out_dir else []
     env = {"OMP_NUM_THREADS": str(args.threads), "TPSGD_THREADS": str(args.threads)} if args.threads else {}
+    fresh = ["--fresh"] if args.fresh else []  # for the scripts that resume from their saved runs
     jobs: list[Job] = []
     for table in tables:
         if table == "2":
             jobs.append(Job("2", "benchmarks.table2", [*common, *quick, *threads, *out], ("table2",), env))
         elif table == "3":
             core = ["--parts", "accuracy", "--experiments", "mnist/cnn2", "cifar10/cnn2"]
-            jobs.append(Job("3", "benchmarks.core", [*core, *common, *quick, *threads], ("core",), env, out_dir=False))
+            core += [*common, *quick, *threads, *fresh]
+            jobs.append(Job("3", "benchmarks.core", core, ("core",), env, out_dir=False))
         elif table == "4":
-            vgg = [*common, *quick, *threads, *out]
+            vgg = [*common, *quick, *threads, *out, *fresh]
             jobs.append(Job("4", "benchmarks.vgg11_imagenette", vgg, ("vgg11_imagenette",), env))
             # adaptor_table4 takes its thread count from TPSGD_THREADS
             jobs.append(
@@ -102,10 +104,10 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 continue
             rnn = [t for t in tables if t in RNN_TABLES]
             tag = "/".join(rnn)
-            rnn_args = ["--tables", *rnn, *common, *quick, *threads]
+            rnn_args = ["--tables", *rnn, *common, *quick, *threads, *fresh]
             jobs.append(Job(tag, "benchmarks.rnn_tables", rnn_args, ("rnn_tables",), env, False, False))
         else:  # fig3, fig4
-            jobs.append(Job(table, f"benchmarks.{table}", [*common, *quick, *threads, *out], (table,), env))
+            jobs.append(Job(table, f"benchmarks.{table}", [*common, *quick, *threads, *out, *fresh], (table,), env))
     return jobs
 
 
@@ -193,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write results (and REPORT.md) here instead of benchmarks/results[/quick]; only for tables whose "
         "scripts take --out-dir (2, fig3, fig4 and the VGG11 row of 4)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="rerun every run instead of resuming from saved ones (with --quick: only the quick results are "
+        "discarded; without it, the full results of the tables asked for)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--no-report", action="store_true", help="do not regenerate the report afterwards")

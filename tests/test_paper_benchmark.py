@@ -43,6 +43,9 @@ def test_table_selection_and_options():
     four = _plan("--table", "4", "--threads", "2")
     assert [j.module for j in four] == ["benchmarks.vgg11_imagenette", "benchmarks.adaptor_table4"]
     assert "--threads" not in four[1].args and four[1].env["TPSGD_THREADS"] == "2"  # adaptor_table4: env only
+    fresh = {j.module: "--fresh" in j.args for j in _plan("--table", "all", "--quick", "--fresh")}
+    resumable = {"benchmarks.core", "benchmarks.vgg11_imagenette", "benchmarks.rnn_tables", "benchmarks.fig3"}
+    assert {m for m, f in fresh.items() if f} == resumable | {"benchmarks.fig4"}  # table2, adaptors: always fresh
     with pytest.raises(SystemExit):
         paper.build_parser().parse_args(["--table", "6"])
     with pytest.raises(SystemExit):
