@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -56,7 +57,7 @@ def out_dir(args: argparse.Namespace) -> Path:
 
 def command(module: str, argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
-    return f"OMP_NUM_THREADS=1 python -m benchmarks.{module} " + " ".join(args)
+    return f"OMP_NUM_THREADS=1 python -m benchmarks.{module} " + shlex.join(args)
 
 
 class Store:

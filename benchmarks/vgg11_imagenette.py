@@ -138,8 +138,9 @@ def write_report(store: R.Store, out: Path, quick: bool) -> None:
         epoch = statistics.median([e for r in runs for e in r["epoch_s"]])
         curve = " → ".join(f"{R.mean(list(v)):.1f}" for v in zip(*[r["test_curve"] for r in runs], strict=True))
         paper = PAPER.get(METHODS[row][0], "–")
+        n_runs = f" (n={len(runs)})" if len(runs) > 1 else ""  # a single run is labelled "(1 seed)" already
         lines.append(
-            f"| {row} | {R.mean_std([r['acc'] for r in runs])} (n={len(runs)}) | {paper} | {size:.2f} | "
+            f"| {row} | {R.mean_std([r['acc'] for r in runs])}{n_runs} | {paper} | {size:.2f} | "
             f"{PAPER['size_mb'] if paper != '–' else '–'} | {epoch:.0f} | {curve} |"
         )
     lines += [
