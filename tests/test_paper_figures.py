@@ -119,4 +119,5 @@ def test_only_trains_the_matching_runs_and_records_its_command(tmp_path):
     _paper_runs.run_benchmark("demo", partial, None, 1, ({}, {}, {}), jobs, lambda s, out, q: reports.append(s))
     assert trained == ["bp/0", "tpsgd/0", "bp/1", "bp/2"]
     store = reports[-1]
-    assert store.data["seeds"] == 3 and len(store.commands) == 2 and "--only bp/*" in store.commands[1]
+    assert store.data["seeds"] == 3 and len(store.commands) == 2
+    assert "--only 'bp/*'" in store.commands[1]  # shell-quoted
