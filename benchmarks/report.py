@@ -162,7 +162,7 @@ def _rnn(d: dict[str, Any], quick: bool) -> list[Row]:
         table, dataset, column, _seed, epochs = parts[:5]
         groups[(table, dataset, column, epochs)].append(float(r["acc"]))
     rows = []
-    shown = ("drtp", "l1", "bp")
+    shown = ("random_rnn", "drtp", "l1", "bp")  # random_rnn: the random-feature control (frozen RNN)
     for table, dataset in sorted({(k[0], k[1]) for k in groups}):
         epochs = max({k[3] for k in groups if k[:2] == (table, dataset)}, key=lambda e: int(e.lstrip("e") or 0))
         ours = "; ".join(
