@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -162,7 +163,7 @@ def main() -> None:
     lines = [
         f"# Device check on {device_name}",
         "",
-        f"Command: `python -m benchmarks.gpu_check {' '.join(sys.argv[1:])}`; "
+        f"Command: `python -m benchmarks.gpu_check {shlex.join(sys.argv[1:])}`; "
         f"{steps} timed steps after 2 warm-up steps; peak memory = {memory}.",
         "",
         "| model | precision | batch | BP samples/s | tpSGD samples/s | speed ratio | BP peak MB | tpSGD peak MB "

@@ -46,11 +46,9 @@ Row = tuple[str, str, str, str]  # item, paper, ours, section
 def _ms(values: list[float], digits: int = 1, unit: str = "") -> str:
     if not values:
         return "–"
-    if len(values) < 3:
-        spread = "" if len(values) == 1 else f" ± {statistics.stdev(values):.{digits}f}"
-        seeds = "1 seed" if len(values) == 1 else "2 seeds"
-        return f"{statistics.mean(values):.{digits}f}{spread}{unit} ({seeds})"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{unit}"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    seeds = "" if len(values) > 2 else f" ({len(values)} seed{'s' if len(values) > 1 else ''})"  # few: say so
+    return f"{statistics.mean(values):.{digits}f}{spread}{unit}{seeds}"
 
 
 def _mean(values: list[float]) -> float:
