@@ -49,7 +49,8 @@ def test_ce_closed_form_gradient_matches_autograd(shape):
 
 
 def test_ce_closed_form_gradient_in_bfloat16_writes_into_a_bfloat16_buffer():
-    # autocast gives bfloat16 outputs and a float32 softmax; the out= product must still work (CUDA AMP)
+    # the softmax runs in float32 (as under CUDA autocast, where this out= product used to fail) and its
+    # result is cast back for the product into the bfloat16 buffer
     g = torch.Generator().manual_seed(0)
     h, P, y = torch.randn(6, 16, generator=g), torch.randn(4, 16, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
     _, expected, _ = TF.tpsgd_ce_grad(h, y, P)
