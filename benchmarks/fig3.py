@@ -168,10 +168,7 @@ def write_report(store: R.Store, out: str, quick: bool) -> None:
 
 
 def _plot(store: R.Store, filters: list[int], path: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = R.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, rule in zip(axes, ("ce", "l2"), strict=True):
@@ -190,9 +187,7 @@ def _plot(store: R.Store, filters: list[int], path: Path, quick: bool) -> None:
         ax.legend()
     axes[0].set_ylabel("MNIST test accuracy (%)")
     fig.suptitle("Figure 3: Conv2d(k5) + LeakyReLU + Linear on MNIST, naive vs filter-based projection")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def _jobs(seeds: int, settings: dict[str, Any], data_dir: str) -> Iterator[R.Job]:

@@ -203,10 +203,7 @@ def _summary(store: R.Store) -> list[str]:
 
 
 def _plot(store: R.Store, path: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = R.pyplot()
     import numpy as np
 
     s = store.data["settings"]
@@ -245,9 +242,7 @@ def _plot(store: R.Store, path: Path, quick: bool) -> None:
         f"Figure 4 on CIFAR-10: {s['train_subset'] or 50000} train images, {s['epochs']} epochs"
         + (" (QUICK)" if quick else "")
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def _jobs(seeds: int, settings: dict[str, Any], data_dir: str) -> Iterator[R.Job]:

@@ -195,10 +195,7 @@ def _summary(store: R.Store) -> list[str]:
 
 
 def _plot(store: R.Store, path: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = R.pyplot()
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     styles = {
@@ -223,9 +220,7 @@ def _plot(store: R.Store, path: Path, quick: bool) -> None:
     ax.set_title(f"VGG11 from scratch, {s['image_size']} px, width {s['width']}" + (" (QUICK)" if quick else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the curves fill the axes
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def _jobs(seeds: int, settings: dict[str, Any], data_dir: str) -> Iterator[R.Job]:
