@@ -208,7 +208,11 @@ def run_one(
         freeze_rnn=column == "random_rnn",
     )
     module = SequenceClassifier(
-        model=TABLES[table], num_classes=dm.num_classes, model_kwargs=model_kwargs, lr=settings["lr"]
+        model=TABLES[table],
+        num_classes=dm.num_classes,
+        model_kwargs=model_kwargs,
+        lr=settings["lr"],
+        scheduler=settings.get("scheduler"),
     )
     log = _EpochLog()
     trainer = L.Trainer(
@@ -302,7 +306,8 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
 
     results = store.setdefault("speed", {})
     rounds = args.speed_rounds or (1 if args.quick else 3)
-    methods = ("local", "local-bf16", "bptt")
+    # local-bf16: grad_dtype="bfloat16"; the -amp pair runs under Trainer(precision="bf16-mixed")
+    methods = ("local", "local-bf16", "bptt", "local-amp", "bptt-amp")
     for dataset in args.datasets:
         dm = make_datamodule(dataset, args.data_dir, 0, quick=False)
         wall: dict[str, list[float]] = {m: [] for m in methods}
@@ -320,13 +325,15 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
                     grad_dtype="bfloat16" if method == "local-bf16" else None,
                 )
                 module = SequenceClassifier("rnn1", num_classes=dm.num_classes, model_kwargs=kwargs)
-                strategy = TPSGDStrategy(rule="l2", overrides={"net.0": {"rule": "l1"}}) if method != "bptt" else "auto"
+                local = method.startswith("local")
+                strategy = TPSGDStrategy(rule="l2", overrides={"net.0": {"rule": "l1"}}) if local else "auto"
                 log = _EpochLog()
                 trainer = L.Trainer(
                     accelerator=args.accelerator,
                     devices=1,
                     max_epochs=1,
                     strategy=strategy,
+                    precision="bf16-mixed" if method.endswith("-amp") else "32-true",
                     callbacks=[log],
                     limit_train_batches=args.speed_batches,
                     limit_val_batches=0,
@@ -340,8 +347,8 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
                 wall[method].append(log.times[0])
                 cpu[method].append(log.cpu_times[0])
 
-        def speedup(times: dict[str, list[float]], method: str) -> float:
-            return statistics.median(b / a for a, b in zip(times[method], times["bptt"], strict=True))
+        def speedup(times: dict[str, list[float]], method: str, baseline: str = "bptt") -> float:
+            return statistics.median(b / a for a, b in zip(times[method], times[baseline], strict=True))
 
         batches = min(args.speed_batches or len(dm.train_dataloader()), len(dm.train_dataloader()))
         results[dataset if args.accelerator == "cpu" else f"{dataset}/{args.accelerator}"] = {
@@ -356,6 +363,10 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
             "bptt_cpu_s": statistics.median(cpu["bptt"]),
             "speedup_cpu": speedup(cpu, "local"),
             "speedup_bf16_cpu": speedup(cpu, "local-bf16"),
+            "local_amp_s": statistics.median(wall["local-amp"]),
+            "bptt_amp_s": statistics.median(wall["bptt-amp"]),
+            "speedup_amp": speedup(wall, "local-amp", "bptt-amp"),
+            "speedup_amp_cpu": speedup(cpu, "local-amp", "bptt-amp"),
             "batches": batches,
             "rounds": rounds,
             "threads": torch.get_num_threads(),
@@ -627,22 +638,28 @@ def _timing_lines(store: dict, args: argparse.Namespace) -> list[str]:
             "latter is insensitive to other processes on a shared machine when run with `--threads 1`).",
             "",
             '`local-bf16`: the same local step with `grad_dtype="bfloat16"` (the pseudo-gradient products',
-            "in bfloat16, the forward pass unchanged in float32).",
+            "in bfloat16, the forward pass unchanged in float32), against float32 BPTT. `bf16-mixed`: both",
+            '`Trainer(precision="bf16-mixed")`, the local step against BPTT, each under bfloat16 autocast.',
             "",
             "| dataset | device | batches | threads | BPTT (s) | local (s) | speed-up (wall / CPU) | local-bf16 (s) "
-            "| speed-up (wall / CPU) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| speed-up (wall / CPU) | bf16-mixed: BPTT (s) | local (s) | speed-up (wall / CPU) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for dataset, r in speed.items():
 
-            def ratio(key: str, r: dict = r) -> str:  # older results have no CPU times
-                return f"{r[key]:.2f}× / {r[key + '_cpu']:.2f}×" if key + "_cpu" in r else f"{r[key]:.2f}× / –"
+            def ratio(key: str, r: dict = r) -> str:  # older results lack CPU times or the bf16-mixed pair
+                wall = f"{r[key]:.2f}×" if key in r else "–"
+                return f"{wall} / {r[key + '_cpu']:.2f}×" if key + "_cpu" in r else f"{wall} / –"
+
+            def seconds(key: str, r: dict = r) -> str:
+                return f"{r[key]:.1f}" if key in r else "–"
 
             lines.append(
                 f"| {DATASET_TITLES.get(dataset.split('/')[0], dataset)} | {r.get('device', 'cpu')} "
                 f"| {r['batches']} | {r.get('threads', '–')} "
                 f"| {r['bptt_s']:.1f} | {r['local_s']:.1f} | {ratio('speedup')} "
-                f"| {r['local_bf16_s']:.1f} | {ratio('speedup_bf16')} |"
+                f"| {r['local_bf16_s']:.1f} | {ratio('speedup_bf16')} "
+                f"| {seconds('bptt_amp_s')} | {seconds('local_amp_s')} | {ratio('speedup_amp')} |"
             )
         lines.append("")
     for key in sorted(k for k in store if k.startswith("memory")):

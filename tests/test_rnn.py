@@ -292,6 +292,35 @@ def test_local_mode_keeps_no_graph():
     assert all(g.grad_fn is None for g in store["grads"])
 
 
+def _local_step_in(precision: str, grad_dtype: str | None, rule: str = "l2") -> tuple[list, torch.Tensor, torch.Tensor]:
+    """One local step of a float32 stacked bidirectional RNN: (gradients, loss, output)."""
+    torch.manual_seed(0)
+    rnn = RNN(8, 32, num_layers=2, bidirectional=True, nonlinearity="tanh", grad_dtype=grad_dtype, chunk_size=4)
+    store: dict = {}
+    y = torch.arange(16) % C
+    rnn.tpsgd_context = _context(rule, y, store, dtype=torch.float32)
+    x = torch.randn(10, 16, 8, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        output, _ = rnn(x)
+    return store["grads"], store["loss"], output
+
+
+@pytest.mark.parametrize("rule", ["l1", "l2", "drtp"])
+@pytest.mark.parametrize(
+    ("precision", "grad_dtype"), [("bf16-mixed", None), ("bf16-mixed", "float32"), ("32", "bfloat16")]
+)
+def test_lower_precision_local_step_accumulates_float32_gradients(rule, precision, grad_dtype):
+    # under autocast the recurrence and the products run in bfloat16 (as BPTT's would); grad_dtype lowers the
+    # products alone. Either way the gradients are float32 and close to the float32 step's.
+    reference, ref_loss, _ = _local_step_in("32", None, rule)
+    grads, loss, output = _local_step_in(precision, grad_dtype, rule)
+    assert output.dtype == (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
+    assert loss.dtype == torch.float32 and torch.isclose(loss, ref_loss, rtol=0.05)
+    for grad, ref in zip(grads, reference, strict=True):
+        assert grad.dtype == torch.float32
+        assert (grad - ref).norm() <= 0.1 * ref.norm() + 1e-6
+
+
 def test_frozen_parameters_get_no_gradient():
     rnn = RNN(F_IN, H)
     rnn.bias_ih_l0.requires_grad_(False)

@@ -139,6 +139,9 @@ class RNN(LocalModule):
             ``"float64"``); ``None`` uses the parameters' dtype. ``"bfloat16"`` makes the local step much
             cheaper on hardware with bfloat16 matrix units; the forward pass keeps the parameters' dtype and
             the gradients are accumulated in it.
+            Under autocast (``Trainer(precision="bf16-mixed")``), the whole local step (the recurrence, the
+            rule and both products) runs in the autocast dtype, as BPTT's matrix products do, and the
+            pseudo-gradients are still accumulated in the parameters' dtype.
         chunk_size: time steps processed together when computing the local targets and gradients.
             Larger chunks run faster and use more memory.
         device: device of the parameters.
@@ -366,7 +369,9 @@ class RNN(LocalModule):
             )
         kind = self.projection or RULE_PROJECTIONS.get(context.rule.name, "uniform")
         weight = self.weight_hh_l0
-        x = x.to(weight.dtype)
+        # under autocast the local step computes in the autocast dtype, as the products of BPTT would
+        compute_dtype = _autocast_dtype(x.device.type) or weight.dtype
+        x, h0 = x.to(compute_dtype), h0.to(compute_dtype)
         hidden, directions = self.hidden_size, self.num_directions
         grads: dict[str, Tensor] = {}
         total_loss = torch.zeros((), device=weight.device, dtype=weight.dtype)
@@ -384,7 +389,7 @@ class RNN(LocalModule):
                 cell_grads, loss, h_last = _local_cell(
                     layer_input,
                     h0[layer * directions + d],
-                    *self._cell_params(layer, suffix),
+                    *(None if p is None else p.to(compute_dtype) for p in self._cell_params(layer, suffix)),
                     out=None if output is None else output[..., d * hidden : (d + 1) * hidden],
                     P=P,
                     labels=labels,
@@ -395,6 +400,7 @@ class RNN(LocalModule):
                     chunk_size=self.chunk_size,
                     mean_over_time=self.time_reduction == "mean",
                     grad_dtype=self._grad_dtype,
+                    accumulate_dtype=weight.dtype,
                 )
                 grads.update({f"{name}_l{layer}{suffix}": g for name, g in cell_grads.items()})
                 total_loss += loss
@@ -452,6 +458,7 @@ def _local_cell(
     chunk_size: int,
     mean_over_time: bool,
     grad_dtype: torch.dtype | None,
+    accumulate_dtype: torch.dtype,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """One direction of one layer with frozen weights: the hidden states, the pseudo-gradients, the loss.
 
@@ -459,7 +466,8 @@ def _local_cell(
     chunk: the input projection (one matrix product), the recurrence (the only per-step work), then, for all
     steps of the chunk at once, the targets ``B_s[y]`` (one gather from ``P``, its class mean removed and
     ``h`` measured from σ(0) when ``center``), the rule's gradient, ``D`` and the chunk's share of eq. (4) as
-    one matrix product per weight over all (step, sample) rows. The hidden states go to ``out`` when the
+    one matrix product per weight over all (step, sample) rows, accumulated in ``accumulate_dtype`` (the
+    parameters' dtype when the cell computes in a lower one under autocast). The hidden states go to ``out`` when the
     caller needs the sequence, otherwise to a chunk-sized scratch buffer, so nothing grows with ``T`` but
     ``out``.
 
@@ -471,9 +479,10 @@ def _local_cell(
     seq_len, batch, features = x.shape
     hidden = w_hh.shape[0]
     chunk = min(chunk_size, seq_len)
-    g_ih, g_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)
-    g_b = torch.zeros(hidden, device=w_hh.device, dtype=w_hh.dtype)
-    loss = torch.zeros((), device=w_hh.device, dtype=w_hh.dtype)
+    g_ih = torch.zeros_like(w_ih, dtype=accumulate_dtype)
+    g_hh = torch.zeros_like(w_hh, dtype=accumulate_dtype)
+    g_b = torch.zeros(hidden, device=w_hh.device, dtype=accumulate_dtype)
+    loss = torch.zeros((), device=w_hh.device, dtype=accumulate_dtype)
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     w_ih_t, w_hh_t = w_ih.t(), w_hh.t()
     midpoint = act.midpoint if center else 0.0
@@ -522,7 +531,7 @@ def _local_cell(
         if mean_over_time:
             scale /= seq_len
         D = act.backward_(G, buf, grad_input=G)
-        g_b.add_(D.view(-1, hidden).sum(0), alpha=scale)
+        g_b.add_(D.view(-1, hidden).sum(0, dtype=accumulate_dtype), alpha=scale)
         if grad_dtype is not None:  # the products below dominate the cost of the local step
             D = D.to(grad_dtype)
         _add_product(g_ih, D.view(-1, hidden), xs, scale)
@@ -539,6 +548,18 @@ def _local_cell(
     return grads, (loss / seq_len if mean_over_time else loss), h
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on ``device_type``, or ``None`` outside autocast."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        enabled = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return None
+
+
 def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
     """``x @ weight_t (+ bias)``, into ``out`` if given."""
     if bias is None:
@@ -552,10 +573,11 @@ def _add_product(grad: Tensor, D: Tensor, inputs: Tensor, scale: float = 1.0) ->
     Shape:
         - grad: (H, F); D: (N, H); inputs: (N, F)
     """
+    inputs = inputs.to(D.dtype)  # no copy unless grad_dtype differs from the dtype the cell computes in
     if D.dtype == grad.dtype:
         grad.addmm_(D.t(), inputs, alpha=scale)
     else:
-        grad.add_(torch.mm(D.t(), inputs.to(D.dtype)), alpha=scale)
+        grad.add_(torch.mm(D.t(), inputs), alpha=scale)
 
 
 def _rule_grad(rule: LocalRule) -> _RuleGrad:
