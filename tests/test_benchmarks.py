@@ -36,3 +36,27 @@ def test_rnn_tables_merges_parallel_result_files(tmp_path):
     assert store["accuracy"] == {"5/rows/l1/0/e20": kept, "5/rows/l1/1/e20": {"acc": 91.0}}  # kept entries win
     assert store["speed"] == {"rows/cuda": {"speedup": 0.8}} and store["memory/cuda"] == {"rss_ratio": 0.1}
     assert store["commands"] == {"accuracy": ["a", "b"]}
+
+
+def test_rnn_tables_probes_get_their_own_keys_and_report_rows():
+    from benchmarks.rnn_tables import _key, _probe_lines, parse_overrides
+
+    overrides = parse_overrides(["rnn_fraction=0.5", "scheduler=cosine", "lr=2e-3"])
+    assert overrides == {"rnn_fraction": 0.5, "scheduler": "cosine", "lr": 0.002}
+    key = _key("5", "eeg", "l1", 0, 20, False, overrides)
+    assert key == '5/eeg/l1/0/e20/lr=0.002,rnn_fraction=0.5,scheduler="cosine"'
+    assert _key("5", "eeg", "l1", 0, 20, False, {}) == "5/eeg/l1/0/e20"
+    with pytest.raises(SystemExit, match="KEY one of"):
+        parse_overrides(["hidden=3"])
+    store = {
+        "accuracy": {
+            "5/eeg/l1/0/e20": {"acc": 93.0, "val_acc": [94.0]},
+            key: {"acc": 92.0, "val_acc": [90.0], "device": "NVIDIA H200, torch 2.11.0"},
+            "5/eeg/l1/0/e3/quick": {"acc": 50.0},
+        }
+    }
+    rows = [line for line in _probe_lines(store) if line.startswith("| `")]
+    assert rows == [
+        '| `5/eeg/l1/0/e20` | `lr=0.002,rnn_fraction=0.5,scheduler="cosine"` | 90.00 | 92.00 (H200) | 94.00 '
+        "| 93.00 (cpu) |"
+    ]
