@@ -154,9 +154,9 @@ def _rnn(d: dict[str, Any], quick: bool) -> list[Row]:
         COLUMNS, DATASET_TITLES, PAPER = ("random", "random_rnn", "drtp", "l1", "bp"), {}, {}
     groups: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
     for key, r in d.get("accuracy", {}).items():
-        parts = key.split("/")
-        if len(parts) < 5 or (parts[-1] == "quick") != quick:
-            continue
+        parts = key.split("/")  # table/dataset/column/seed/e<epochs>[/quick][/changed settings of a probe]
+        if len(parts) < 5 or parts[5:] not in ([], ["quick"]) or (parts[5:] == ["quick"]) != quick:
+            continue  # another mode, or a validation probe
         table, dataset, column, _seed, epochs = parts[:5]
         groups[(table, dataset, column, epochs)].append(float(r["acc"]))
     rows = []
