@@ -7,6 +7,8 @@ Usage::
     python -m benchmarks.rnn_tables --parts speed memory                                  # no accuracy runs
     python -m benchmarks.rnn_tables --quick                                                # minutes, subsets
     python -m benchmarks.rnn_tables --parts                                                # report only
+    python -m benchmarks.rnn_tables --parts accuracy --tables 5 --datasets rows --columns l1 --seed-ids 0 \
+        --set rnn_fraction=0.5                                     # a validation probe with changed settings
 
 Columns of every table (test accuracy, mean ± std over seeds):
 

@@ -106,7 +106,7 @@ def tpsgd_l1_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
     r"""Loss of :func:`tpsgd_l1` and its gradient :math:`\frac{1}{N}\operatorname{sign}(h - t)`, in ``t``."""
     n = h.numel()
     d = torch.sub(h, t, out=t)
-    loss = torch.linalg.vector_norm(d.reshape(-1), ord=1) / n
+    loss = d.abs().sum() / n  # faster than vector_norm(ord=1), above all in bfloat16
     return loss, d.sign_(), 1.0 / n
 
 

@@ -531,7 +531,7 @@ def _local_cell(
         if mean_over_time:
             scale /= seq_len
         D = act.backward_(G, buf, grad_input=G)
-        g_b.add_(D.view(-1, hidden).sum(0, dtype=accumulate_dtype), alpha=scale)
+        g_b.add_(D.view(-1, hidden).sum(0), alpha=scale)  # a bfloat16 D is summed as BPTT sums its bias gradient
         if grad_dtype is not None:  # the products below dominate the cost of the local step
             D = D.to(grad_dtype)
         _add_product(g_ih, D.view(-1, hidden), xs, scale)
