@@ -674,18 +674,22 @@ def _target_lines(store: dict, args: argparse.Namespace) -> list[str]:
 def _comparison_lines(store: dict, args: argparse.Namespace) -> list[str]:
     """Trained RNN vs its random-RNN control, and stacked / bidirectional vs single-layer (best trained column)."""
 
-    def mean(table: str, dataset: str, column: str) -> float:
+    def mean(table: str, dataset: str, column: str, split: str = "test") -> float:
         runs = _runs(store, table, dataset, column, args.epochs, args.quick)
+        if split == "validation":  # the accuracy after the last epoch on the validation holdout
+            runs = [{"acc": r["val_acc"][-1]} for r in runs if r.get("val_acc")]
         return statistics.mean(r["acc"] for r in runs) if runs else float("nan")
 
     lines = [
         "## Trained vs random RNN, and stacked / bidirectional vs single-layer",
         "",
         "Margins in points of test accuracy (means over seeds). vs random: trained column minus the random RNN +",
-        "classifier column of the same table. vs single-layer: best trained column minus Table 5's best trained one.",
+        "classifier column of the same table (also on the validation holdout, after the last epoch, for ℓ1).",
+        "vs single-layer: best trained column minus Table 5's best trained one. EEG's test split has 920",
+        "sequences, so one run's test accuracy near 92 % carries a standard error of about 0.9 points.",
         "",
-        "| table | dataset | DRTP vs random | tpSGD-ℓ1 vs random | vs single-layer |",
-        "|---|---|---|---|---|",
+        "| table | dataset | DRTP vs random | tpSGD-ℓ1 vs random | tpSGD-ℓ1 vs random, validation | vs single-layer |",
+        "|---|---|---|---|---|---|",
     ]
     for table in args.tables:
         for dataset in args.datasets:
@@ -693,9 +697,12 @@ def _comparison_lines(store: dict, args: argparse.Namespace) -> list[str]:
             best = _best(mean(table, dataset, "drtp"), mean(table, dataset, "l1"))
             single = _best(mean("5", dataset, "drtp"), mean("5", dataset, "l1"))
             vs_single = "–" if table == "5" else _signed(best - single)
+            val_margin = mean(table, dataset, "l1", "validation") - mean(table, dataset, "random_rnn", "validation")
             lines.append(
                 f"| {table} | {DATASET_TITLES[dataset]} | {_signed(mean(table, dataset, 'drtp') - rand)} "
-                f"| {_signed(mean(table, dataset, 'l1') - rand)} | {vs_single} |"
+                f"| {_signed(mean(table, dataset, 'l1') - rand)} "
+                f"| {_signed(val_margin)} "
+                f"| {vs_single} |"
             )
     return [*lines, ""]
 
