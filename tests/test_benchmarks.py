@@ -39,6 +39,7 @@ def test_rnn_tables_merges_parallel_result_files(tmp_path):
 
 
 def test_rnn_tables_probes_get_their_own_keys_and_report_rows():
+    from benchmarks.report import _rnn
     from benchmarks.rnn_tables import _key, _probe_lines, parse_overrides
 
     overrides = parse_overrides(["rnn_fraction=0.5", "scheduler=cosine", "lr=2e-3"])
@@ -60,7 +61,5 @@ def test_rnn_tables_probes_get_their_own_keys_and_report_rows():
         '| `5/eeg/l1/0/e20` | `lr=0.002,rnn_fraction=0.5,scheduler="cosine"` | 90.00 | 92.00 (H200) | 94.00 '
         "| 93.00 (cpu) |"
     ]
-    from benchmarks.report import _rnn
-
     (summary,) = _rnn(store, quick=False)  # the probe stays out of the paper-report summary
     assert "l1 93.0" in summary[2] and "92.0" not in summary[2]
