@@ -87,6 +87,8 @@ class Block:
         params: the block's trainable parameters (layer and norms), in order.
         is_output: trained by the model's own loss instead of a projected target.
         rule / projection / target / target_scale: the local learning configuration (hidden blocks).
+        local_projection: the projection kind a ``LocalModule`` block was given by the overrides (it builds
+            its own projections, so ``projection`` stays ``None``).
     """
 
     index: int
@@ -100,6 +102,7 @@ class Block:
     projection: Projection | None = None
     target: str = "post"
     target_scale: float = 1.0
+    local_projection: str | None = None
 
     @property
     def is_local_module(self) -> bool:
@@ -353,7 +356,10 @@ class LocalLearner:
                 )
             block.target = opts["target"]
             block.target_scale = scale
-            if opts["projection"] is not None:
+            if opts["projection"] is not None and block.is_local_module:
+                create_projection(opts["projection"], self.num_classes, scale)  # validates the name
+                block.local_projection = opts["projection"]
+            elif opts["projection"] is not None:
                 block.projection = create_projection(opts["projection"], self.num_classes, scale)
             block.tap = block.layer if block.is_local_module else _tap_of(block, block.target)
         unmatched = [p for p in overrides if p not in matched]
@@ -657,6 +663,7 @@ class LocalLearner:
             block=block.name,
             projection=projection,
             submit=submit,
+            projection_kind=block.local_projection,
         )
 
     @contextmanager

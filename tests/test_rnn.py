@@ -370,6 +370,21 @@ def test_stacked_and_bidirectional_projections_are_saved_per_layer_and_direction
         torch.testing.assert_close(P, projections[name])
 
 
+def test_projection_override_of_the_strategy_reaches_the_rnn():
+    """``overrides={"0": {"projection": ...}}`` sets the RNN's projection kind (it used to be ignored)."""
+    labels = torch.tensor([0, 1, 2, 0])
+    learner = LocalLearner(_seq_model(), rule="l2", overrides={"0": {"rule": "drtp", "projection": "binary"}})
+    learner.step(torch.randn(B, T, F_IN), labels)
+    assert set(learner.state_dict()["projections"]["0:l0"].unique().tolist()) == {-1.0, 1.0}
+    model = _seq_model()
+    model[0].projection = "normal"
+    learner = LocalLearner(model, rule="l2", overrides={"0": {"rule": "drtp", "projection": "binary"}})
+    with pytest.raises(ValueError, match="projection='normal'.*'binary'.*one place"):
+        learner.step(torch.randn(B, T, F_IN), labels)
+    with pytest.raises(ValueError, match="projection"):
+        LocalLearner(_seq_model(), rule="l2", overrides={"0": {"projection": "bogus"}})
+
+
 def test_local_step_trains_the_rnn_and_the_classifier():
     model = _seq_model()
     before = [p.detach().clone() for p in model.parameters()]

@@ -23,6 +23,8 @@ class LocalContext:
         block: the module's qualified name in the model (for error messages).
         projection: ``projection(key, shape, kind=None) -> P`` returns a fixed, seeded, checkpointed
             matrix of shape ``(C, *shape)``; ``kind`` is a projection registry name (default: the block's).
+        projection_kind: the projection kind the user set for this block (the strategy's ``overrides``),
+            or ``None``; a module must use it instead of its own default kind.
         submit: ``submit(grads, loss)`` hands back one gradient per trainable parameter (in
             ``parameters()`` order, ``None`` for none) and the detached local loss (a scalar tensor).
     """
@@ -33,6 +35,7 @@ class LocalContext:
     block: str
     projection: Callable[..., Tensor]
     submit: Callable[[Sequence[Tensor | None], Tensor], None]
+    projection_kind: str | None = None
     options: dict = field(default_factory=dict)
 
 

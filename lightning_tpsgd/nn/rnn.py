@@ -124,7 +124,8 @@ class RNN(LocalModule):
             or a ``"mean"`` over the time steps.
         projection: projection kind of the targets (``"binary"``, ``"orthogonal"``, ``"uniform"``,
             ``"normal"``). ``None`` picks it from the rule: ``"binary"`` for ℓ1, ``"orthogonal"`` for
-            DRTP, ``"uniform"`` otherwise.
+            DRTP, ``"uniform"`` otherwise. The strategy's ``overrides={"<name>": {"projection": ...}}`` may
+            set it instead (setting both to different kinds is an error).
         init: initial weights: ``"uniform"`` (:math:`U(-s, s)`) or ``"zeros"`` (paper §2.4 allows both).
         init_scale: ``s`` of the uniform init; default :math:`1/\sqrt{H}`, as in :class:`torch.nn.RNN`.
         input_init_scale: ``s`` of the input weights ``W_X`` (``weight_ih``) alone; default ``init_scale``.
@@ -367,7 +368,12 @@ class RNN(LocalModule):
                 f"RNN '{context.block}' got a batch of {batch} sequences but {tuple(labels.shape)} labels; the "
                 "labels must have shape (B,). Check batch_first (inputs must be (B, T, F) when it is True)."
             )
-        kind = self.projection or RULE_PROJECTIONS.get(context.rule.name, "uniform")
+        if self.projection is not None and context.projection_kind not in (None, self.projection):
+            raise ValueError(
+                f"RNN '{context.block}' was built with projection={self.projection!r} but the strategy's overrides "
+                f"ask for {context.projection_kind!r}. Set the projection in one place only."
+            )
+        kind = context.projection_kind or self.projection or RULE_PROJECTIONS.get(context.rule.name, "uniform")
         weight = self.weight_hh_l0
         # under autocast the local step computes in the autocast dtype, as the products of BPTT would
         compute_dtype = _autocast_dtype(x.device.type) or weight.dtype
