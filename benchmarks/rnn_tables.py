@@ -24,7 +24,7 @@ Every run is an ordinary ``Trainer.fit`` + ``Trainer.test`` of ``zoo.SequenceCla
 ``lightning_tpsgd.data`` DataModule, i.e. only the public API. Results are saved after every run in
 ``benchmarks/results/rnn_tables.json``; a rerun skips the runs already there (``--fresh`` starts over), so
 an interrupted benchmark resumes where it stopped. The report is ``benchmarks/results/rnn_tables.md``
-with ``rnn_tables.png``.
+with ``rnn_tables.png`` (with ``--store FILE``: ``FILE`` with ``.md`` and ``.png``).
 
 ``--parts speed`` times training epochs of the local step and of BPTT on the same model in this process;
 ``--parts memory`` measures one training step at Seq-MNIST pixels without downsampling (T=784) in fresh
@@ -341,12 +341,14 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
 
     results = store.setdefault("speed", {})
     rounds = args.speed_rounds or (1 if args.quick else 3)
-    # local-bf16: grad_dtype="bfloat16"; the -amp pair runs under Trainer(precision="bf16-mixed")
-    methods = ("local", "local-bf16", "bptt", "local-amp", "bptt-amp")
+    # local-bf16: grad_dtype="bfloat16"; the -amp pair runs under Trainer(precision="bf16-mixed");
+    # local-layerwise: the tables' layer-wise schedule, one epoch of its RNN stage, then one of its head stage
+    methods = ("local", "local-bf16", "bptt", "local-amp", "bptt-amp", "local-layerwise")
     for dataset in args.datasets:
         dm = make_datamodule(dataset, args.data_dir, 0, quick=False)
-        wall: dict[str, list[float]] = {m: [] for m in methods}
-        cpu: dict[str, list[float]] = {m: [] for m in methods}
+        wall: dict[str, list[float]] = {m: [] for m in (*methods, "local-head")}
+        cpu: dict[str, list[float]] = {m: [] for m in (*methods, "local-head")}
+        rnn_epochs = layerwise_epochs(dataset, "rnn1", args.epochs)[0]
         for _ in range(rounds):
             for method in methods:
                 L.seed_everything(0, verbose=False)
@@ -361,12 +363,21 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
                 )
                 module = SequenceClassifier("rnn1", num_classes=dm.num_classes, model_kwargs=kwargs)
                 local = method.startswith("local")
-                strategy = TPSGDStrategy(rule="l2", overrides={"net.0": {"rule": "l1"}}) if local else "auto"
+                layerwise = method == "local-layerwise"
+                strategy = (
+                    TPSGDStrategy(
+                        rule="l2",
+                        overrides={"net.0": {"rule": "l1"}},
+                        **({"schedule": "layerwise", "epochs_per_layer": [1, 1]} if layerwise else {}),
+                    )
+                    if local
+                    else "auto"
+                )
                 log = _EpochLog()
                 trainer = L.Trainer(
                     accelerator=args.accelerator,
                     devices=1,
-                    max_epochs=1,
+                    max_epochs=2 if layerwise else 1,
                     strategy=strategy,
                     precision="bf16-mixed" if method.endswith("-amp") else "32-true",
                     callbacks=[log],
@@ -381,6 +392,15 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
                 trainer.fit(module, datamodule=dm)
                 wall[method].append(log.times[0])
                 cpu[method].append(log.cpu_times[0])
+                if layerwise:
+                    wall["local-head"].append(log.times[1])
+                    cpu["local-head"].append(log.cpu_times[1])
+        # the mean epoch of the tables' schedule: rnn_epochs RNN-stage epochs, the rest head-stage epochs
+        for times in (wall, cpu):
+            times["local-schedule"] = [
+                (rnn_epochs * r + (args.epochs - rnn_epochs) * h) / args.epochs
+                for r, h in zip(times["local-layerwise"], times["local-head"], strict=True)
+            ]
 
         def speedup(times: dict[str, list[float]], method: str, baseline: str = "bptt") -> float:
             return statistics.median(b / a for a, b in zip(times[method], times[baseline], strict=True))
@@ -404,6 +424,13 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
             "bptt_amp_s": statistics.median(wall["bptt-amp"]),
             "speedup_amp": speedup(wall, "local-amp", "bptt-amp"),
             "speedup_amp_cpu": speedup(cpu, "local-amp", "bptt-amp"),
+            "layerwise_rnn_s": statistics.median(wall["local-layerwise"]),
+            "layerwise_head_s": statistics.median(wall["local-head"]),
+            "layerwise_schedule": [rnn_epochs, args.epochs - rnn_epochs],
+            "speedup_rnn_stage": speedup(wall, "local-layerwise"),
+            "speedup_rnn_stage_cpu": speedup(cpu, "local-layerwise"),
+            "speedup_schedule": speedup(wall, "local-schedule"),
+            "speedup_schedule_cpu": speedup(cpu, "local-schedule"),
             "batches": batches,
             "rounds": rounds,
             "threads": threads,
@@ -551,9 +578,10 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
     lines += _timing_lines(store, args)
     lines += ["", "### Settings per dataset", "", "| dataset | settings |", "|---|---|"]
     lines += [f"| {d} | `{json.dumps(SETTINGS[d])}` |" for d in args.datasets]
-    lines += ["", f"![accuracy per table]({NAME}.png)", ""]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
-    _plot(store, args)
+    report = _report_path(args)
+    lines += ["", f"![accuracy per table]({report.with_suffix('.png').name})", ""]
+    report.write_text("\n".join(lines))
+    _plot(store, args, report.with_suffix(".png"))
     print("\n".join(lines))
 
 
@@ -742,6 +770,28 @@ def _timing_lines(store: dict, args: argparse.Namespace) -> list[str]:
                 f"| {seconds('bptt_amp_s')} | {seconds('local_amp_s')} | {ratio('speedup_amp')} |"
             )
         lines.append("")
+        layerwise = {d: r for d, r in speed.items() if "speedup_schedule" in r}
+        if layerwise:
+            lines += [
+                "The tables train layer-wise (`--parts accuracy`): the RNN alone for its stage's epochs (the head is",
+                "not computed), then the head with the RNN frozen (its forward pass only, no pseudo-gradients). Same",
+                "process and rounds as above, float32; the schedule's mean epoch weights the two stages by their",
+                "epochs in the tables' 20-epoch schedule.",
+                "",
+                "| dataset | threads | schedule (RNN + head epochs) | BPTT (s) | RNN stage (s) | speed-up (wall / CPU) "
+                "| head stage (s) | mean epoch of the schedule: speed-up (wall / CPU) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for dataset, r in layerwise.items():
+                rnn, head = r["layerwise_schedule"]
+                lines.append(
+                    f"| {DATASET_TITLES.get(dataset.split('/')[0], dataset)} | {r['threads']} | {rnn} + {head} "
+                    f"| {r['bptt_s']:.1f} | {r['layerwise_rnn_s']:.1f} "
+                    f"| {r['speedup_rnn_stage']:.2f}× / {r['speedup_rnn_stage_cpu']:.2f}× "
+                    f"| {r['layerwise_head_s']:.1f} "
+                    f"| {r['speedup_schedule']:.2f}× / {r['speedup_schedule_cpu']:.2f}× |"
+                )
+            lines.append("")
     for key in sorted(k for k in store if k.startswith("memory")):
         mem = store[key]
         if "local" not in mem:
@@ -766,7 +816,13 @@ def _timing_lines(store: dict, args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def _plot(store: dict, args: argparse.Namespace) -> None:
+def _report_path(args: argparse.Namespace) -> Path:
+    """The markdown report: beside ``--store`` when one is given (so that a side store never overwrites the
+    main report), else ``benchmarks/results/rnn_tables.md``; the plot takes the same name with ``.png``."""
+    return Path(args.store).with_suffix(".md") if args.store else RESULTS / f"{NAME}.md"
+
+
+def _plot(store: dict, args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -791,7 +847,7 @@ def _plot(store: dict, args: argparse.Namespace) -> None:
         ax.set_title(TABLE_TITLES[table].split(":")[0] + f" ({TABLES[table]})")
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:

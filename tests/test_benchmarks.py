@@ -63,3 +63,19 @@ def test_rnn_tables_probes_get_their_own_keys_and_report_rows():
     ]
     (summary,) = _rnn(store, quick=False)  # the probe stays out of the paper-report summary
     assert "l1 93.0" in summary[2] and "92.0" not in summary[2]
+
+
+def test_rnn_tables_side_store_gets_its_own_report_and_layerwise_speed_rows(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.rnn_tables import RESULTS, _report_path, _timing_lines
+
+    assert _report_path(Namespace(store=str(tmp_path / "side.json"))) == tmp_path / "side.md"
+    assert _report_path(Namespace(store=None)) == RESULTS / "rnn_tables.md"
+    speed = {
+        "bptt_s": 3.0, "local_s": 2.0, "local_bf16_s": 1.5, "speedup": 1.5, "speedup_bf16": 2.0, "batches": 30,
+        "threads": 1, "layerwise_rnn_s": 1.8, "layerwise_head_s": 0.5, "layerwise_schedule": [3, 17],
+        "speedup_rnn_stage": 1.67, "speedup_rnn_stage_cpu": 1.6, "speedup_schedule": 4.2, "speedup_schedule_cpu": 4.0,
+    }  # fmt: skip
+    lines = _timing_lines({"speed": {"rows": speed}}, Namespace())
+    assert "| Seq. MNIST (rows) | 1 | 3 + 17 | 3.0 | 1.8 | 1.67× / 1.60× | 0.5 | 4.20× / 4.00× |" in lines
