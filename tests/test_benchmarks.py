@@ -79,3 +79,17 @@ def test_rnn_tables_side_store_gets_its_own_report_and_layerwise_speed_rows(tmp_
     }  # fmt: skip
     lines = _timing_lines({"speed": {"rows": speed}}, Namespace())
     assert "| Seq. MNIST (rows) | 1 | 3 + 17 | 3.0 | 1.8 | 1.67× / 1.60× | 0.5 | 4.20× / 4.00× |" in lines
+
+
+@pytest.mark.shared_data
+def test_rnn_saturation_measures_every_rule(tmp_path):
+    data = ROOT / ".." / "shared" / "data"
+    if not (data / "epileptic_seizure.npz").is_file():
+        pytest.skip(f"{data / 'epileptic_seizure.npz'} not available")
+    cmd = [sys.executable, "-m", "benchmarks.rnn_saturation", "--data-dir", str(data), "--dataset", "eeg"]
+    args = ["--epochs", "1", "--train-subset", "256", "--samples", "128", "--out", str(tmp_path / "sat")]
+    subprocess.run([*cmd, *args], cwd=ROOT, check=True, timeout=600, capture_output=True)
+    store = json.loads((tmp_path / "sat.json").read_text())
+    configs = store["eeg"]["configs"]
+    assert len(configs) == 6 and all(0 <= row["probe"] <= 100 for rows in configs.values() for row in rows)
+    assert "| DRTP, Adam 2e-3 (the tables) | 1 |" in (tmp_path / "sat.md").read_text()
