@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.rnn_tables import HIDDEN, SETTINGS, make_datamodule
+from benchmarks.rnn_tables import SETTINGS, make_datamodule, model_kwargs
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "rnn_saturation"
@@ -85,17 +85,7 @@ def run_config(
     torch.manual_seed(args.seed)
     dm = make_datamodule(dataset, args.data_dir, args.seed, False, train_subset=args.train_subset)
     dm.setup("fit")
-    s = SETTINGS[dataset]
-    model = create_model(
-        "rnn1",
-        num_classes=dm.num_classes,
-        input_size=dm.input_size,
-        hidden_size=HIDDEN,
-        nonlinearity=s["nonlinearity"],
-        init_scale=s["init_scale"],
-        input_init_scale=s.get("input_init_scale"),
-        bias_init_scale=s.get("bias_init_scale"),
-    )
+    model = create_model("rnn1", num_classes=dm.num_classes, **model_kwargs(dataset, dm.input_size))
     if rule is None:
         return [{"epoch": 0, **measure(model, dm, args.samples)}]
     for name in frozen:
@@ -104,7 +94,7 @@ def run_config(
     learner = LocalLearner(
         model,
         rule="l2",
-        overrides={"0": {"rule": rule, "target_scale": s["target_scale"]}},
+        overrides={"0": {"rule": rule, "target_scale": SETTINGS[dataset]["target_scale"]}},
         schedule="layerwise",
         epochs_per_layer=[args.epochs, 1],
         seed=args.seed,

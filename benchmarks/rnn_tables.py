@@ -153,6 +153,20 @@ def layerwise_epochs(dataset: str, model: str, epochs: int) -> list[int]:
     return stages
 
 
+def model_kwargs(dataset: str, input_size: int, **extra: Any) -> dict[str, Any]:
+    """``create_model`` keyword arguments of the recurrent zoo models with the dataset's settings."""
+    settings = SETTINGS[dataset]
+    return dict(
+        input_size=input_size,
+        hidden_size=HIDDEN,
+        nonlinearity=settings["nonlinearity"],
+        init_scale=settings["init_scale"],
+        input_init_scale=settings.get("input_init_scale"),
+        bias_init_scale=settings.get("bias_init_scale"),
+        **extra,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- data
 def make_datamodule(dataset: str, data_dir: str, seed: int, quick: bool, **overrides: Any) -> Any:
     """The dataset's LightningDataModule (``quick``: small seeded subsets)."""
@@ -228,19 +242,10 @@ def run_one(
     L.seed_everything(seed, verbose=False)
     dm = make_datamodule(dataset, data_dir, seed, quick)
     settings = SETTINGS[dataset]
-    model_kwargs = dict(
-        input_size=dm.input_size,
-        hidden_size=HIDDEN,
-        nonlinearity=settings["nonlinearity"],
-        init_scale=settings["init_scale"],
-        input_init_scale=settings.get("input_init_scale"),
-        bias_init_scale=settings.get("bias_init_scale"),
-        freeze_rnn=column == "random_rnn",
-    )
     module = SequenceClassifier(
         model=TABLES[table],
         num_classes=dm.num_classes,
-        model_kwargs=model_kwargs,
+        model_kwargs=model_kwargs(dataset, dm.input_size, freeze_rnn=column == "random_rnn"),
         lr=settings["lr"],
         scheduler=settings.get("scheduler"),
     )
@@ -352,15 +357,7 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
         for _ in range(rounds):
             for method in methods:
                 L.seed_everything(0, verbose=False)
-                kwargs = dict(
-                    input_size=dm.input_size,
-                    hidden_size=HIDDEN,
-                    nonlinearity=SETTINGS[dataset]["nonlinearity"],
-                    init_scale=SETTINGS[dataset]["init_scale"],
-                    input_init_scale=SETTINGS[dataset].get("input_init_scale"),
-                    bias_init_scale=SETTINGS[dataset].get("bias_init_scale"),
-                    grad_dtype="bfloat16" if method == "local-bf16" else None,
-                )
+                kwargs = model_kwargs(dataset, dm.input_size, grad_dtype="bfloat16" if method == "local-bf16" else None)
                 module = SequenceClassifier("rnn1", num_classes=dm.num_classes, model_kwargs=kwargs)
                 local = method.startswith("local")
                 layerwise = method == "local-layerwise"
