@@ -29,6 +29,10 @@ SECTIONS = [
     ("vgg11_imagenette", "Table 4, full network: VGG11 on Imagenette (`benchmarks/vgg11_imagenette.py`)"),
     ("adaptor_table4", "Adaptors on a frozen timm backbone: paper Table 4 (`benchmarks/adaptor_table4.py`)"),
     ("rnn_tables", "Recurrent networks: paper Tables 5, 7 and 8 (`benchmarks/rnn_tables.py`)"),
+    (
+        "rnn_saturation",
+        "Recurrent networks: the local rules and the features (`benchmarks/rnn_saturation.py`)",
+    ),
     ("fig3", "Figure 3: naive vs filter-based Conv2d projections (`benchmarks/fig3.py`)"),
     ("fig4", "Figure 4: CNN scaling grid on CIFAR-10 (`benchmarks/fig4.py`)"),
     ("ddp", "Data-parallel tpSGD, 2 processes vs 1 (`benchmarks/ddp.py`)"),
