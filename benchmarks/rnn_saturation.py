@@ -35,14 +35,15 @@ from benchmarks.rnn_tables import SETTINGS, make_datamodule, model_kwargs
 RESULTS = Path(__file__).parent / "results"
 NAME = "rnn_saturation"
 
-#: (label, rule, optimizer, lr, parameters kept frozen); rule None: the random initial RNN, untrained.
-CONFIGS: tuple[tuple[str, str | None, str, float, tuple[str, ...]], ...] = (
-    ("random RNN (untrained)", None, "adam", 0.0, ()),
-    ("tpSGD-ℓ1, Adam 2e-3 (the tables)", "l1", "adam", 2e-3, ()),
-    ("DRTP, Adam 2e-3 (the tables)", "drtp", "adam", 2e-3, ()),
-    ("DRTP, Adam 5e-4", "drtp", "adam", 5e-4, ()),
-    ("DRTP, SGD 1.0", "drtp", "sgd", 1.0, ()),
-    ("DRTP, Adam 2e-3, biases frozen", "drtp", "adam", 2e-3, ("bias_ih_l0", "bias_hh_l0")),
+#: (label, rule, optimizer, lr, parameters kept frozen); rule None: the random initial RNN, untrained;
+#: lr None: the dataset's learning rate in the tables (``benchmarks.rnn_tables.SETTINGS``).
+CONFIGS: tuple[tuple[str, str | None, str, float | None, tuple[str, ...]], ...] = (
+    ("random RNN (untrained)", None, "adam", None, ()),
+    ("tpSGD-ℓ1 (the tables)", "l1", "adam", None, ()),
+    ("DRTP (the tables)", "drtp", "adam", None, ()),
+    ("DRTP, lower lr", "drtp", "adam", 5e-4, ()),
+    ("DRTP, SGD", "drtp", "sgd", 1.0, ()),
+    ("DRTP, biases frozen", "drtp", "adam", None, ("bias_ih_l0", "bias_hh_l0")),
 )
 
 
@@ -78,7 +79,7 @@ def measure(model: torch.nn.Module, dm: Any, samples: int) -> dict[str, float]:
 def run_config(
     dataset: str, rule: str | None, optimizer: str, lr: float, frozen: tuple[str, ...], args: argparse.Namespace
 ) -> list[dict[str, float]]:
-    """One row: the measurements after 0 (rule None) or after each of ``args.epochs`` epochs."""
+    """One row: the measurements after 0 (rule None) or after each of ``args.epochs`` epochs, with lr ``lr``."""
     from lightning_tpsgd import LocalLearner
     from zoo import create_model
 
@@ -128,13 +129,13 @@ def write_report(store: dict, command: str, out: Path) -> None:
         lines += [
             f"## {dataset} (training subset {result['train_subset']}, seed {result['seed']})",
             "",
-            "| rule | epoch | saturated | unit std | probe (%) |",
-            "|---|---|---|---|---|",
+            "| rule | optimizer | epoch | saturated | unit std | probe (%) |",
+            "|---|---|---|---|---|---|",
         ]
         for label, rows in result["configs"].items():
             for row in rows:
                 lines.append(
-                    f"| {label} | {row['epoch']} | {row['saturated']:.3f} | {row['unit_std']:.4f} "
+                    f"| {label} | {row['optimizer']} | {row['epoch']} | {row['saturated']:.3f} | {row['unit_std']:.4f} "
                     f"| {row['probe']:.2f} |"
                 )
         lines.append("")
@@ -170,7 +171,9 @@ def main() -> None:
         start = time.perf_counter()
         configs = {}
         for label, rule, optimizer, lr, frozen in CONFIGS:
-            configs[label] = run_config(dataset, rule, optimizer, lr, frozen, args)
+            lr = SETTINGS[dataset]["lr"] if lr is None else lr
+            rows = run_config(dataset, rule, optimizer, lr, frozen, args)
+            configs[label] = [{**row, "optimizer": f"{optimizer} {lr:g}" if rule else "–"} for row in rows]
         store[dataset] = {
             "configs": configs,
             "train_subset": args.train_subset,

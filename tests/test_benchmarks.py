@@ -92,4 +92,4 @@ def test_rnn_saturation_measures_every_rule(tmp_path):
     store = json.loads((tmp_path / "sat.json").read_text())
     configs = store["eeg"]["configs"]
     assert len(configs) == 6 and all(0 <= row["probe"] <= 100 for rows in configs.values() for row in rows)
-    assert "| DRTP, Adam 2e-3 (the tables) | 1 |" in (tmp_path / "sat.md").read_text()
+    assert "| DRTP (the tables) | adam 0.001 | 1 |" in (tmp_path / "sat.md").read_text()  # EEG's lr in the tables
