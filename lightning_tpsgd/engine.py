@@ -227,7 +227,7 @@ class LocalLearner:
             see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a
             :class:`LocalRule`, or any callable ``loss(output, target) -> scalar``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
-            ``"orthogonal"``.
+            ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
         conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"`` (the dense
             ``projection`` over the whole ``K·H·W`` map), or any projection name.
         target: compare the target with the block output after (``"post"``) or before (``"pre"``) its

@@ -142,7 +142,7 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
             optimizer, as an extra parameter group), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"``, ``"drtp"`` or
             a callable ``loss(output, target)``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
-            ``"orthogonal"``.
+            ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
         conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"``.
         target: compare targets after (``"post"``) or before (``"pre"``) the block's activation.
         target_scale: RMS of the targets (multiplier for ``"filter"``); ignored by ``"ce"``.
