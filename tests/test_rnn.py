@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -319,6 +321,28 @@ def test_lower_precision_local_step_accumulates_float32_gradients(rule, precisio
     for grad, ref in zip(grads, reference, strict=True):
         assert grad.dtype == torch.float32
         assert (grad - ref).norm() <= 0.1 * ref.norm() + 1e-6
+
+
+def test_reused_work_buffers_leave_no_trace_between_steps():
+    """The local step reuses its chunk buffers: a second batch gives what a fresh module gives."""
+    torch.manual_seed(0)
+    rnn = RNN(F_IN, H, num_layers=2, bidirectional=True, chunk_size=2, return_sequences=False, dtype=torch.float64)
+    fresh = copy.deepcopy(rnn)
+    x1, x2 = torch.randn(T, B, F_IN, dtype=torch.float64), torch.randn(T, B, F_IN, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0])
+    rnn.tpsgd_context = _context("l1", labels, {})
+    rnn(x1)
+    store, fresh_store = {}, {}
+    rnn.tpsgd_context = _context("l1", labels, store)
+    out, h_n = rnn(x2)
+    fresh.tpsgd_context = _context("l1", labels, fresh_store)
+    fresh_out, fresh_h_n = fresh(x2)
+    torch.testing.assert_close(h_n, fresh_h_n)
+    torch.testing.assert_close(out, fresh_out)
+    for grad, fresh_grad in zip(store["grads"], fresh_store["grads"], strict=True):
+        torch.testing.assert_close(grad, fresh_grad)
+    ref_out, ref_h_n = _reference_forward(rnn, x2)
+    torch.testing.assert_close(h_n, ref_h_n)  # both directions' final states survive the shared scratch
 
 
 def test_frozen_parameters_get_no_gradient():

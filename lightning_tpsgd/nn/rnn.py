@@ -83,7 +83,8 @@ class RNN(LocalModule):
     the sign absorbed. ``time_reduction`` sums them over the time steps (the paper's :math:`\sum_t`) or
     averages them. No autograd graph is built: the inputs, targets and :math:`D_t` are processed in chunks of
     ``chunk_size`` steps, so the memory of the local step grows with ``T`` only by the hidden states that are
-    returned, and not at all for the last layer when ``return_sequences=False``.
+    returned, and not at all for the last layer when ``return_sequences=False``. Two ``(chunk_size, B, H)`` work
+    buffers are kept between local steps (a fresh multi-MB tensor costs page faults on every step).
 
     In a stack, layer ``k`` reads the hidden-state sequence of layer ``k - 1`` and trains on its own
     targets. A bidirectional layer has a forward and a backward cell, each with its own projection. The
@@ -223,6 +224,9 @@ class RNN(LocalModule):
         self.grad_dtype = grad_dtype
         self._grad_dtype = None if grad_dtype is None else _GRAD_DTYPES[grad_dtype]
         self.chunk_size = chunk_size
+        # the local step's two chunk-sized work buffers, kept between steps: a fresh multi-MB CPU tensor
+        # costs page faults on first touch every time (about 10 % of a Seq-MNIST step)
+        self._workspace: dict[str, Tensor] = {}
         self._act = _ACTIVATIONS[nonlinearity]
 
         factory = {"device": device, "dtype": dtype}
@@ -247,6 +251,13 @@ class RNN(LocalModule):
     @property
     def _suffixes(self) -> tuple[str, ...]:
         return ("", "_reverse") if self.bidirectional else ("",)
+
+    def _work_buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised (``shape``) tensor with ``like``'s dtype and device, reused across local steps."""
+        buf = self._workspace.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._workspace[name] = like.new_empty(shape)
+        return buf
 
     def reset_parameters(self) -> None:
         """Re-initialise every weight and bias: :math:`U(-s, s)` or zeros (see ``init`` and the ``*init_scale``)."""
@@ -392,11 +403,14 @@ class RNN(LocalModule):
                         f"RNN '{context.block}' layer {layer}{suffix} needs a projection of shape (C, {seq_len}, "
                         f"{hidden}) but got {tuple(P.shape)}. Every batch must have the same sequence length T."
                     )
+                chunk = min(self.chunk_size, seq_len)
                 cell_grads, loss, h_last = _local_cell(
                     layer_input,
                     h0[layer * directions + d],
                     *(None if p is None else p.to(compute_dtype) for p in self._cell_params(layer, suffix)),
                     out=None if output is None else output[..., d * hidden : (d + 1) * hidden],
+                    grad_h=self._work_buffer("grad_h", (chunk, batch, hidden), x),
+                    scratch=None if output is not None else self._work_buffer("scratch", (chunk, batch, hidden), x),
                     P=P,
                     labels=labels,
                     rule=context.rule,
@@ -410,7 +424,7 @@ class RNN(LocalModule):
                 )
                 grads.update({f"{name}_l{layer}{suffix}": g for name, g in cell_grads.items()})
                 total_loss += loss
-                finals.append(h_last)
+                finals.append(h_last if output is not None else h_last.clone())  # else a view of the scratch
             layer_input = output
         context.submit([grads[name] for name, p in self.named_parameters() if p.requires_grad], total_loss)
         return layer_input, torch.stack(finals)
@@ -455,6 +469,8 @@ def _local_cell(
     b_hh: Tensor | None,
     *,
     out: Tensor | None,
+    grad_h: Tensor,
+    scratch: Tensor | None,
     P: Tensor,
     labels: Tensor,
     rule: LocalRule,
@@ -474,8 +490,9 @@ def _local_cell(
     ``h`` measured from σ(0) when ``center``), the rule's gradient, ``D`` and the chunk's share of eq. (4) as
     one matrix product per weight over all (step, sample) rows, accumulated in ``accumulate_dtype`` (the
     parameters' dtype when the cell computes in a lower one under autocast). The hidden states go to ``out`` when the
-    caller needs the sequence, otherwise to a chunk-sized scratch buffer, so nothing grows with ``T`` but
-    ``out``.
+    caller needs the sequence, otherwise to the chunk-sized ``scratch`` buffer, so nothing grows with ``T`` but
+    ``out``. ``grad_h`` (and ``scratch``) are work buffers of shape (chunk, B, H) that the caller may reuse;
+    with ``scratch``, the returned ``h_last`` is a view of it.
 
     Shape:
         - x: (T, B, F); h0: (B, H); out: (T, B, H) (possibly a strided view) or None; P: (C, T, H)
@@ -484,7 +501,6 @@ def _local_cell(
     """
     seq_len, batch, features = x.shape
     hidden = w_hh.shape[0]
-    chunk = min(chunk_size, seq_len)
     g_ih = torch.zeros_like(w_ih, dtype=accumulate_dtype)
     g_hh = torch.zeros_like(w_hh, dtype=accumulate_dtype)
     g_b = torch.zeros(hidden, device=w_hh.device, dtype=accumulate_dtype)
@@ -497,8 +513,6 @@ def _local_cell(
     targets = (targets - targets.mean(1, keepdim=True) if center else targets).contiguous()
     vectorised = type(rule) in _ELEMENTWISE_RULES  # a mean over elements: one call covers a whole chunk
     per_step = None if vectorised else _rule_grad(rule)
-    grad_h = x.new_empty(chunk, batch, hidden)
-    scratch = x.new_empty(chunk, batch, hidden) if out is None else None
     h = h0
     for s0 in range(0, seq_len, chunk_size):
         s1 = min(s0 + chunk_size, seq_len)
