@@ -114,7 +114,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-#: Settings a probe may change with ``--set KEY=VALUE`` (``scheduler``: ``"cosine"`` or null, the module's lr schedule).
+#: Settings a probe may change with ``--set KEY=VALUE`` (``scheduler``: ``"cosine"`` or null, the module's lr schedule;
+#: ``bp_grad_clip``: clip the gradient norm of the BP column to this value, Lightning's ``gradient_clip_val``).
 SETTING_KEYS = (
     "lr",
     "nonlinearity",
@@ -124,6 +125,7 @@ SETTING_KEYS = (
     "target_scale",
     "rnn_fraction",
     "scheduler",
+    "bp_grad_clip",
 )
 
 
@@ -255,6 +257,7 @@ def run_one(
         devices=1,
         max_epochs=epochs,
         strategy=_strategy(column, TABLES[table], dataset, epochs),
+        gradient_clip_val=settings.get("bp_grad_clip") if column == "bp" else None,
         callbacks=[log],
         logger=False,
         enable_checkpointing=False,
