@@ -106,8 +106,8 @@ def tpsgd_l1_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
     r"""Loss of :func:`tpsgd_l1` and its gradient :math:`\frac{1}{N}\operatorname{sign}(h - t)`, in ``t``."""
     n = h.numel()
     d = torch.sub(h, t, out=t)
-    # vector_norm needs no temporary (a large fresh CPU tensor costs page faults on every call: 10 % of a
-    # recurrent local step); in bfloat16 it is slow, and abs().sum() much faster
+    # vector_norm needs no temporary (a large fresh CPU tensor costs page faults on every call); in bfloat16
+    # it is slow, and abs().sum() much faster
     loss = (torch.linalg.vector_norm(d, 1) if d.dtype in (torch.float32, torch.float64) else d.abs().sum()) / n
     return loss, d.sign_(), 1.0 / n
 

@@ -225,7 +225,7 @@ class RNN(LocalModule):
         self._grad_dtype = None if grad_dtype is None else _GRAD_DTYPES[grad_dtype]
         self.chunk_size = chunk_size
         # the local step's two chunk-sized work buffers, kept between steps: a fresh multi-MB CPU tensor
-        # costs page faults on first touch every time (about 10 % of a Seq-MNIST step)
+        # costs page faults on first touch every time
         self._workspace: dict[str, Tensor] = {}
         self._act = _ACTIVATIONS[nonlinearity]
 
