@@ -746,11 +746,11 @@ def _comparison_lines(store: dict, args: argparse.Namespace) -> list[str]:
             )
     lines += [
         "",
-        "EEG: the random RNN + classifier control is strong here (the tables' EEG settings put the units on the",
-        'curved part of tanh, which makes even random features amplitude detectors), as the paper found: "We see',
-        "significant improvement in all cases except the Seizure Activity Recognition dataset where even random",
-        'features achieve relatively high performance" (§3.3). DRTP: its margins are negative wherever its features',
-        "collapse; `benchmarks/results/rnn_saturation.md` (`python -m benchmarks.rnn_saturation`) measures why.",
+        "EEG: the random RNN + classifier control is strong here (see its column in the tables above), as the paper",
+        'found: "We see significant improvement in all cases except the Seizure Activity Recognition dataset where',
+        'even random features achieve relatively high performance" (§3.3). DRTP: its margins are negative wherever',
+        "its features collapse; `benchmarks/results/rnn_saturation.md` (`python -m benchmarks.rnn_saturation`)",
+        "measures why.",
     ]
     return [*lines, ""]
 
