@@ -86,7 +86,7 @@ def run_config(
     torch.manual_seed(args.seed)
     dm = make_datamodule(dataset, args.data_dir, args.seed, False, train_subset=args.train_subset)
     dm.setup("fit")
-    model = create_model("rnn1", num_classes=dm.num_classes, **model_kwargs(dataset, dm.input_size))
+    model = create_model("rnn1", num_classes=dm.num_classes, **model_kwargs(SETTINGS[dataset], dm.input_size))
     if rule is None:
         return [{"epoch": 0, **measure(model, dm, args.samples)}]
     for name in frozen:

@@ -61,11 +61,15 @@ class ImageClassifier(L.LightningModule):
         momentum: Momentum for ``sgd`` (unused by ``adam`` and ``adamw``).
         scheduler: ``None`` for a constant learning rate, or ``"cosine"`` to anneal it to zero over
             ``trainer.max_epochs`` epochs (stepped once per epoch).
+        layer_lr: Learning rates of single layers, by their name in this module as in the strategy's
+            ``overrides``, e.g. ``{"net.0": 5e-4}``; each becomes its own parameter group. Other parameters use
+            ``lr``.
 
     Raises:
         ValueError: For an unknown ``model``, ``optimizer`` or ``scheduler`` name (the message lists the valid
-            names), a negative ``lr``, ``weight_decay`` or ``momentum``, or ``num_classes`` inside
-            ``model_kwargs``.
+            names), a negative ``lr``, ``weight_decay`` or ``momentum``, ``num_classes`` inside
+            ``model_kwargs``, or a ``layer_lr`` entry that names no layer with parameters, nests in another
+            entry or is negative.
 
     Shape:
         - x: the model's input, e.g. (B, in_chans, H, W) for ``cnn2``
@@ -89,6 +93,7 @@ class ImageClassifier(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: str | None = None,
+        layer_lr: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in _OPTIMIZERS:
@@ -113,6 +118,34 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self._check_layer_lr(layer_lr or {})
+
+    def _check_layer_lr(self, layer_lr: dict[str, float]) -> None:
+        names = dict(self.named_modules())
+        for name, value in layer_lr.items():
+            if name not in names or not any(True for _ in names[name].parameters()):
+                layers = [n for n, m in self.net.named_modules() if n and next(m.parameters(), None) is not None]
+                raise ValueError(
+                    f"layer_lr names {name!r}, which is no layer with parameters of this module. "
+                    f"Use names like 'net.{layers[0] if layers else '0'}' (the layers: "
+                    f"{', '.join('net.' + n for n in layers[:8])}{', ...' if len(layers) > 8 else ''})."
+                )
+            if value < 0:
+                raise ValueError(f"Invalid learning rate layer_lr[{name!r}] = {value}. It must be >= 0.")
+            nested = [other for other in layer_lr if other != name and name.startswith(other + ".")]
+            if nested:
+                raise ValueError(f"layer_lr names {name!r} inside {nested[0]!r}; give each parameter one rate.")
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One group per ``layer_lr`` entry (its own ``lr``), then one with every other parameter."""
+        layer_lr: dict[str, float] = self.hparams.get("layer_lr") or {}
+        groups, taken = [], set()
+        for name, lr in layer_lr.items():
+            params = list(self.get_submodule(name).parameters())
+            taken |= {id(p) for p in params}
+            groups.append({"params": params, "lr": lr})
+        rest = [p for p in self.parameters() if id(p) not in taken]
+        return [{"params": rest}, *groups] if rest else groups
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits of ``self.net``.
@@ -146,14 +179,14 @@ class ImageClassifier(L.LightningModule):
         return self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        """Build one optimizer over ``self.parameters()`` and, if ``scheduler`` is set, its LR scheduler.
+        """Build one optimizer over ``self.parameters()`` (``layer_lr``: in groups) and, if set, its LR scheduler.
 
         Raises:
             ValueError: If ``scheduler="cosine"`` but ``trainer.max_epochs`` is not a positive number.
         """
         hp = self.hparams
         optimizer = _OPTIMIZERS[hp.optimizer](
-            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
+            self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
         )
         if hp.scheduler is None:
             return optimizer
@@ -187,6 +220,8 @@ class SequenceClassifier(ImageClassifier):
         momentum: Momentum for ``sgd`` (unused by ``adam`` and ``adamw``).
         scheduler: ``None`` for a constant learning rate, or ``"cosine"`` to anneal it to zero over
             ``trainer.max_epochs`` epochs (stepped once per epoch).
+        layer_lr: Learning rates of single layers, e.g. ``{"net.0": 5e-4}`` for the recurrent layer; the
+            other parameters use ``lr``.
 
     Shape:
         - x: (B, T, F) batch-first sequences
@@ -204,6 +239,7 @@ class SequenceClassifier(ImageClassifier):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: str | None = None,
+        layer_lr: dict[str, float] | None = None,
     ) -> None:
         super().__init__(
             model=model,
@@ -214,4 +250,5 @@ class SequenceClassifier(ImageClassifier):
             weight_decay=weight_decay,
             momentum=momentum,
             scheduler=scheduler,
+            layer_lr=layer_lr,
         )

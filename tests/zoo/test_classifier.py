@@ -70,6 +70,7 @@ def test_module_structure_and_hparams():
         "weight_decay": 0.0,
         "momentum": 0.9,
         "scheduler": None,
+        "layer_lr": None,
     }
     # The network's layers come first among the leaf modules; the metrics (no parameters) come after.
     leaves = [m for m in module.modules() if not list(m.children())]
@@ -92,6 +93,10 @@ def test_module_structure_and_hparams():
         (dict(model="resnet"), ValueError, r"Unknown model 'resnet'.*Valid names: birnn1, cnn2"),
         (dict(model_kwargs={"num_classes": 5}), ValueError, r"Pass it as ImageClassifier\(num_classes=...\)"),
         (dict(model_kwargs={"filtres": 5}), TypeError, r"Invalid arguments for model 'cnn2'"),
+        (dict(layer_lr={"net.9": 0.1}), ValueError, r"layer_lr names 'net.9', which is no layer.*'net.0'"),
+        (dict(layer_lr={"net.1": 0.1}), ValueError, r"layer_lr names 'net.1', which is no layer"),  # an activation
+        (dict(layer_lr={"net.0": -0.1}), ValueError, r"Invalid learning rate layer_lr\['net.0'\] = -0.1"),
+        (dict(layer_lr={"net": 0.1, "net.0": 0.2}), ValueError, r"layer_lr names 'net.0' inside 'net'"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -117,3 +122,23 @@ def test_configure_optimizers(optimizer):
     assert len(opt.param_groups[0]["params"]) == len(list(module.parameters()))
     if optimizer == "sgd":
         assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_layer_lr_gives_a_layer_its_own_parameter_group():
+    module = ImageClassifier("mlp2", num_classes=2, model_kwargs={"in_features": 4, "hidden": 3}, lr=0.5,
+                             layer_lr={"net.1": 0.01})  # fmt: skip
+    rest, first = module.configure_optimizers().param_groups
+    assert first["lr"] == 0.01 and first["params"] == list(module.net[1].parameters())
+    assert rest["lr"] == 0.5 and len(rest["params"]) == len(list(module.parameters())) - 2
+
+
+def test_layer_lr_reaches_the_local_optimizer_of_the_tpsgd_strategy():
+    from lightning_tpsgd import TPSGDStrategy
+
+    torch.manual_seed(0)
+    module = ImageClassifier("cnn2", num_classes=NUM_CLASSES, model_kwargs=MODEL_KWARGS, layer_lr={"net.0": 0.0})
+    before = [p.detach().clone() for p in module.net.parameters()]
+    trainer = _trainer(strategy=TPSGDStrategy())
+    trainer.fit(module, train_dataloaders=_loader())
+    changed = [not torch.equal(b, p) for b, p in zip(before, module.net.parameters(), strict=True)]
+    assert changed[:2] == [False, False] and all(changed[2:])  # the first layer at lr 0, the others trained
