@@ -354,6 +354,42 @@ def accuracy_part(args: argparse.Namespace, store: dict) -> None:
                     _save(store, args.store)
 
 
+def _probe_settings(suffix: str) -> dict[str, Any]:
+    """``'lr=0.002,rnn_lr=null'`` (the end of a probe's key) -> ``{"lr": 0.002, "rnn_lr": None}``."""
+    return {key: json.loads(value) for key, _, value in (pair.partition("=") for pair in suffix.split(","))}
+
+
+def adopt_column_settings(store: dict) -> list[tuple[str, str]]:
+    """Key the runs by ``COLUMN_SETTINGS``: returns the ``(old key, new key)`` moves.
+
+    A table run of a column made before the column got its own settings moves to a probe key naming its
+    settings then (``5/pixels/bp/0/e20`` -> ``5/pixels/bp/0/e20/lr=0.002``); a probe run with exactly the
+    column's settings becomes the table run of its seed.
+    """
+    accuracy = store.get("accuracy", {})
+    moves: list[tuple[str, str]] = []
+    for column, by_dataset in COLUMN_SETTINGS.items():
+        for dataset, own in by_dataset.items():
+            for key in sorted(accuracy):
+                parts = key.split("/", 5)
+                if parts[1:3] != [dataset, column] or parts[4:5] == ["quick"] or "/quick" in key:
+                    continue
+                if len(parts) == 5:
+                    then = {k: accuracy[key].get("settings", {}).get(k) for k in own}
+                    if "settings" in accuracy[key] and then != own:
+                        moves.append((key, _key(*parts[:3], int(parts[3]), int(parts[4][1:]), False, then)))
+                elif _probe_settings(parts[5]) == own:
+                    moves.append((key, "/".join(parts[:5])))
+    staying = set(accuracy) - {old for old, _ in moves}  # table runs leave their keys, so a probe can take one
+    news = [new for _, new in moves]
+    for old, new in moves:
+        if new in staying or news.count(new) > 1:
+            raise ValueError(f"Cannot move {old} to {new}: another run is stored there already.")
+    runs = {old: accuracy.pop(old) for old, _ in moves}
+    accuracy.update({new: runs[old] for old, new in moves})
+    return moves
+
+
 def merge_stores(store: dict, paths: list[str]) -> None:
     """Add the runs saved in other result files (e.g. parallel runs on another machine); kept entries win.
 
@@ -932,6 +968,12 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu", help='Lightning accelerator of the runs, e.g. "cuda"')
     parser.add_argument("--store", default=None, help=f"results file (default: benchmarks/results/{NAME}.json)")
     parser.add_argument("--merge", nargs="+", default=[], help="add the accuracy runs of these results files")
+    parser.add_argument(
+        "--adopt-column-settings",
+        action="store_true",
+        help="after COLUMN_SETTINGS changed: table runs made with a column's earlier settings become probes, "
+        "probes with its current settings table runs",
+    )
     parser.add_argument("--no-report", action="store_true", help="do not rewrite the markdown report and plot")
     parser.add_argument(
         "--set",
@@ -957,6 +999,10 @@ def main() -> None:
     store = {} if args.fresh or not path.exists() else json.loads(path.read_text())
     if args.merge:
         merge_stores(store, args.merge)
+        _save(store, args.store)
+    if args.adopt_column_settings:
+        for old, new in adopt_column_settings(store):
+            print(f"moved {old} -> {new}", flush=True)
         _save(store, args.store)
     command = "python -m benchmarks.rnn_tables " + " ".join(sys.argv[1:])
     for part in args.parts:

@@ -93,3 +93,23 @@ def test_rnn_saturation_measures_every_rule(tmp_path):
     configs = store["eeg"]["configs"]
     assert len(configs) == 6 and all(0 <= row["probe"] <= 100 for rows in configs.values() for row in rows)
     assert "| DRTP (the tables) | adam 0.001 | 1 |" in (tmp_path / "sat.md").read_text()  # EEG's lr in the tables
+
+
+def test_rnn_tables_adopts_a_columns_own_settings(monkeypatch):
+    from benchmarks import rnn_tables
+
+    monkeypatch.setattr(rnn_tables, "COLUMN_SETTINGS", {"bp": {"pixels": {"lr": 2e-4}}})
+    old = {"acc": 9.8, "settings": {"lr": 0.002, "rnn_fraction": 0.25}}
+    new = {"acc": 94.3, "settings": {"lr": 0.0002, "rnn_fraction": 0.25}}
+    kept = {"5/pixels/l1/0/e20": {"acc": 86.0, "settings": {"lr": 0.002}}, "5/pixels/bp/1/e20/bp_grad_clip=null": {}}
+    store = {"accuracy": {"5/pixels/bp/0/e20": old, "5/pixels/bp/0/e20/lr=0.0002": new, **kept}}
+    moves = rnn_tables.adopt_column_settings(store)
+    assert sorted(moves) == [
+        ("5/pixels/bp/0/e20", "5/pixels/bp/0/e20/lr=0.002"),
+        ("5/pixels/bp/0/e20/lr=0.0002", "5/pixels/bp/0/e20"),
+    ]
+    assert store["accuracy"] == {"5/pixels/bp/0/e20": new, "5/pixels/bp/0/e20/lr=0.002": old, **kept}
+    assert rnn_tables.adopt_column_settings(store) == []  # nothing left to move
+    store["accuracy"]["5/pixels/bp/0/e20/lr=0.0002"] = new  # a second run with the adopted settings
+    with pytest.raises(ValueError, match="another run is stored there"):
+        rnn_tables.adopt_column_settings(store)
