@@ -40,7 +40,7 @@ NAME = "rnn_saturation"
 CONFIGS: tuple[tuple[str, str | None, str, float | None, tuple[str, ...]], ...] = (
     ("random RNN (untrained)", None, "adam", None, ()),
     ("tpSGD-ℓ1 (the tables)", "l1", "adam", None, ()),
-    ("DRTP (the tables)", "drtp", "adam", None, ()),
+    ("DRTP, the dataset's lr", "drtp", "adam", None, ()),
     ("DRTP, lower lr", "drtp", "adam", 5e-4, ()),
     ("DRTP, SGD", "drtp", "sgd", 1.0, ()),
     ("DRTP, biases frozen", "drtp", "adam", None, ("bias_ih_l0", "bias_hh_l0")),

@@ -92,7 +92,7 @@ def test_rnn_saturation_measures_every_rule(tmp_path):
     store = json.loads((tmp_path / "sat.json").read_text())
     configs = store["eeg"]["configs"]
     assert len(configs) == 6 and all(0 <= row["probe"] <= 100 for rows in configs.values() for row in rows)
-    assert "| DRTP (the tables) | adam 0.001 | 1 |" in (tmp_path / "sat.md").read_text()  # EEG's lr in the tables
+    assert "| DRTP, the dataset's lr | adam 0.001 | 1 |" in (tmp_path / "sat.md").read_text()  # EEG's lr
 
 
 def test_rnn_tables_adopts_a_columns_own_settings(monkeypatch):
@@ -113,3 +113,24 @@ def test_rnn_tables_adopts_a_columns_own_settings(monkeypatch):
     store["accuracy"]["5/pixels/bp/0/e20/lr=0.0002"] = new  # a second run with the adopted settings
     with pytest.raises(ValueError, match="another run is stored there"):
         rnn_tables.adopt_column_settings(store)
+
+
+def test_rnn_tables_compares_a_column_with_a_control_built_like_it(monkeypatch):
+    from argparse import Namespace
+
+    from benchmarks import rnn_tables
+
+    monkeypatch.setattr(rnn_tables, "COLUMN_SETTINGS", {"drtp": {"pixels": {"nonlinearity": "sigmoid", "lr": 0.1}}})
+    assert rnn_tables.control_overrides("pixels", "drtp") == {"nonlinearity": "sigmoid"}
+    assert rnn_tables.control_overrides("pixels", "l1") == {} == rnn_tables.control_overrides("rows", "drtp")
+    run = lambda acc: {"acc": acc, "val_acc": [acc]}  # noqa: E731
+    accuracy = {
+        "5/pixels/drtp/0/e20": run(60.0),
+        "5/pixels/l1/0/e20": run(86.0),
+        "5/pixels/random_rnn/0/e20": run(23.0),
+        '5/pixels/random_rnn/0/e20/nonlinearity="sigmoid"': run(40.0),
+        '5/pixels/random_rnn/0/e20/lr=0.1,nonlinearity="sigmoid"': run(1.0),  # another probe: not the control
+    }
+    args = Namespace(tables=["5"], datasets=["pixels"], epochs=20, quick=False)
+    (row,) = [line for line in rnn_tables._comparison_lines({"accuracy": accuracy}, args) if line.startswith("| 5 |")]
+    assert row == "| 5 | Seq. MNIST (pixels) | +20.00 | +20.00 | +63.00 | +63.00 | – |"
