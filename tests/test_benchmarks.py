@@ -110,7 +110,9 @@ def test_rnn_tables_adopts_a_columns_own_settings(monkeypatch):
     ]
     assert store["accuracy"] == {"5/pixels/bp/0/e20": new, "5/pixels/bp/0/e20/lr=0.002": old, **kept}
     assert rnn_tables.adopt_column_settings(store) == []  # nothing left to move
-    store["accuracy"]["5/pixels/bp/0/e20/lr=0.0002"] = new  # a second run with the adopted settings
+    store["accuracy"]["5/pixels/bp/0/e20/lr=0.0002"] = dict(new)  # the same side store merged once more
+    assert rnn_tables.adopt_column_settings(store) == [] and "5/pixels/bp/0/e20/lr=0.0002" not in store["accuracy"]
+    store["accuracy"]["5/pixels/bp/0/e20/lr=0.0002"] = {**new, "acc": 95.0}  # another run with those settings
     with pytest.raises(ValueError, match="another run is stored there"):
         rnn_tables.adopt_column_settings(store)
 
