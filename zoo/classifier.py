@@ -123,7 +123,7 @@ class ImageClassifier(L.LightningModule):
     def _check_layer_lr(self, layer_lr: dict[str, float]) -> None:
         names = dict(self.named_modules())
         for name, value in layer_lr.items():
-            if name not in names or not any(True for _ in names[name].parameters()):
+            if name not in names or next(names[name].parameters(), None) is None:
                 layers = [n for n, m in self.net.named_modules() if n and next(m.parameters(), None) is not None]
                 raise ValueError(
                     f"layer_lr names {name!r}, which is no layer with parameters of this module. "
