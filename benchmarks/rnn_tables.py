@@ -384,7 +384,7 @@ def adopt_column_settings(store: dict) -> list[tuple[str, str]]:
         for dataset, own in by_dataset.items():
             for key in sorted(accuracy):
                 parts = key.split("/", 5)
-                if parts[1:3] != [dataset, column] or parts[4:5] == ["quick"] or "/quick" in key:
+                if parts[1:3] != [dataset, column] or "/quick" in key:
                     continue
                 if len(parts) == 5:  # a run without recorded settings had the dataset's, as the tables assume
                     then = {k: accuracy[key].get("settings", SETTINGS[dataset]).get(k) for k in own}
@@ -831,9 +831,10 @@ def _comparison_lines(store: dict, args: argparse.Namespace) -> list[str]:
     """Trained RNN vs its random-RNN control, and stacked / bidirectional vs single-layer (best trained column)."""
 
     def mean(table: str, dataset: str, column: str, split: str = "test") -> float:
-        runs = _runs(store, table, dataset, column, args.epochs, args.quick)
-        if column.startswith("control:"):
+        if column.startswith("control:"):  # the random RNN + classifier that column is compared with
             runs = _control_runs(store, table, dataset, column.split(":")[1], args.epochs, args.quick)
+        else:
+            runs = _runs(store, table, dataset, column, args.epochs, args.quick)
         if split == "validation":  # the accuracy after the last epoch on the validation holdout
             runs = [{"acc": r["val_acc"][-1]} for r in runs if r.get("val_acc")]
         return statistics.mean(r["acc"] for r in runs) if runs else float("nan")
