@@ -135,4 +135,12 @@ def test_rnn_tables_compares_a_column_with_a_control_built_like_it(monkeypatch):
     }
     args = Namespace(tables=["5"], datasets=["pixels"], epochs=20, quick=False)
     (row,) = [line for line in rnn_tables._comparison_lines({"accuracy": accuracy}, args) if line.startswith("| 5 |")]
-    assert row == "| 5 | Seq. MNIST (pixels) | +20.00 | +20.00 | +63.00 | +63.00 | – |"
+    assert row == "| 5 | Seq. MNIST (pixels) | +20.00 | +20.00 | +63.00 | +63.00 | – | – | – |"
+    accuracy |= {"7/pixels/drtp/0/e20": run(50.0), "7/pixels/l1/0/e20": run(87.0)}
+    args.tables = ["5", "7"]
+    lines = rnn_tables._comparison_lines({"accuracy": accuracy}, args)
+    (row,) = [line for line in lines if line.startswith("| 7 |")]
+    assert row.endswith("| -10.00 | +1.00 | +1.00 |")  # each column vs its own single-layer run, then best vs best
+    assert "More than 2 points below the single-layer network: DRTP in Table 7 on Seq. MNIST (pixels) (-10.00)." in (
+        lines
+    )
