@@ -865,9 +865,8 @@ def _comparison_lines(store: dict, args: argparse.Namespace) -> list[str]:
             ]
             vs_single = [float("nan")] * 3
             if table != "5":
-                vs_single = [mean(table, dataset, column) - mean("5", dataset, column) for column in ("drtp", "l1")]
-                best = _best(mean(table, dataset, "drtp"), mean(table, dataset, "l1"))
-                vs_single.append(best - _best(mean("5", dataset, "drtp"), mean("5", dataset, "l1")))
+                here, single = ([mean(t, dataset, column) for column in ("drtp", "l1")] for t in (table, "5"))
+                vs_single = [a - b for a, b in zip(here, single, strict=True)] + [_best(*here) - _best(*single)]
                 short += [
                     f"{name} in Table {table} on {DATASET_TITLES[dataset]} ({margin:+.2f})"
                     for name, margin in zip(("DRTP", "tpSGD-ℓ1"), vs_single[:2], strict=True)
