@@ -145,7 +145,8 @@ COLUMN_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 
 #: Settings a probe may change with ``--set KEY=VALUE`` (``scheduler``: ``"cosine"`` or null, the module's lr schedule;
 #: ``bp_grad_clip``: clip the gradient norm of the BP column to this value, Lightning's ``gradient_clip_val``;
-#: ``rnn_lr``: the recurrent layer's own learning rate, ``SequenceClassifier(layer_lr={"net.0": rnn_lr})``).
+#: ``rnn_lr``: the recurrent layer's own learning rate, ``SequenceClassifier(layer_lr={"net.0": rnn_lr})``;
+#: ``feature_norm``: ``"batch"`` standardises the final state before the head, the zoo models' ``feature_norm``).
 SETTING_KEYS = (
     "lr",
     "nonlinearity",
@@ -157,6 +158,7 @@ SETTING_KEYS = (
     "scheduler",
     "bp_grad_clip",
     "rnn_lr",
+    "feature_norm",
 )
 
 
@@ -200,6 +202,7 @@ def model_kwargs(settings: dict[str, Any], input_size: int, **extra: Any) -> dic
         init_scale=settings["init_scale"],
         input_init_scale=settings.get("input_init_scale"),
         bias_init_scale=settings.get("bias_init_scale"),
+        feature_norm=settings.get("feature_norm"),
         **extra,
     )
 

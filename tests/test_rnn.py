@@ -427,6 +427,31 @@ def test_a_frozen_rnn_passes_through_the_engine():
     assert all(torch.equal(a, b) for a, b in zip(rnn_before, model[0].parameters(), strict=True))
 
 
+@pytest.mark.parametrize("name", ["rnn1", "rnn2", "birnn1"])
+def test_feature_norm_standardises_the_final_state_and_passes_through_the_engine(name):
+    model = create_model(name, num_classes=C, input_size=F_IN, hidden_size=H, feature_norm="batch")
+    norm = model[2]
+    assert isinstance(norm, nn.BatchNorm1d) and not norm.affine and not list(norm.parameters())
+    learner = LocalLearner(
+        model,
+        rule="l2",
+        overrides={"0": {"rule": "drtp"}},
+        schedule="layerwise",
+        epochs_per_layer=1,
+        optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    )
+    assert learner.blocks[0].name == "0" and learner.blocks[1].name == "3"
+    x, y = torch.randn(8, T, F_IN), torch.randint(0, C, (8,))
+    for epoch in range(learner.num_stages):
+        learner.set_epoch(epoch)
+        learner.step(x, y)
+    assert norm.num_batches_tracked > 0  # the head stages ran it in training mode
+    features = model[1](model[0](x))
+    torch.testing.assert_close(norm.train()(features).mean(0), torch.zeros(features.shape[1]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="feature_norm must be one of None, 'batch', got 'layer'"):
+        create_model(name, feature_norm="layer")
+
+
 @pytest.mark.parametrize("strategy", ["tpsgd", "auto"])
 def test_sequence_classifier_trains_under_the_strategy_and_as_bptt(strategy):
     generator = torch.Generator().manual_seed(0)

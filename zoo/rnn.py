@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from lightning_tpsgd.nn import RNN
 from zoo._registry import register_model
 
+#: Normalisations the recurrent zoo models can put between the final state and the head.
+FEATURE_NORMS = (None, "batch")
+
 __all__: list[str] = ["LastHidden"]  # entrypoints are added by @register_model
 
 
@@ -65,6 +68,7 @@ def _rnn_classifier(
     mlp_hidden: tuple[int, ...],
     negative_slope: float,
     freeze_rnn: bool,
+    feature_norm: str | None,
     rnn_kwargs: dict[str, Any],
 ) -> nn.Sequential:
     for name, value in (("num_classes", num_classes), ("input_size", input_size), ("hidden_size", hidden_size)):
@@ -79,8 +83,15 @@ def _rnn_classifier(
         return_sequences=False,  # the head reads the final states only: no (T, B, H) buffer in the local step
         **rnn_kwargs,
     )
+    if feature_norm not in FEATURE_NORMS:
+        raise ValueError(
+            f"feature_norm must be one of {', '.join(map(repr, FEATURE_NORMS))}, got {feature_norm!r}: None keeps "
+            "the paper's head, 'batch' standardises each final-state unit with its batch statistics."
+        )
     head: list[nn.Module] = []
     width = hidden_size * rnn.num_directions
+    if feature_norm == "batch":  # no parameters: it passes through the local rules untouched
+        head.append(nn.BatchNorm1d(width, affine=False))
     for hidden in mlp_hidden:
         head += [nn.Linear(width, hidden), nn.LeakyReLU(negative_slope)]
         width = hidden
@@ -110,6 +121,9 @@ _ARGS_DOC = """
         grad_dtype: dtype of the local pseudo-gradient products (``"bfloat16"`` is faster on CPUs and GPUs
             with bfloat16 matrix units); ``None`` uses the parameters' dtype.
         freeze_rnn: Freeze the recurrent layer at its random initial weights (the "random RNN" control).
+        feature_norm: ``None`` (the paper's head) or ``"batch"``: an ``nn.BatchNorm1d(affine=False)`` between
+            ``LastHidden`` and the head, which standardises each unit of the final state. Features whose units
+            vary little around a large common offset (DRTP's) otherwise condition the head's training badly.
 """
 
 
@@ -128,6 +142,7 @@ def rnn1(
     center_targets: bool = True,
     grad_dtype: str | None = None,
     freeze_rnn: bool = False,
+    feature_norm: str | None = None,
 ) -> nn.Sequential:
     """Single-layer RNN with a linear classifier (paper Table 5).
 
@@ -148,6 +163,7 @@ def rnn1(
         mlp_hidden=(),
         negative_slope=0.01,
         freeze_rnn=freeze_rnn,
+        feature_norm=feature_norm,
         rnn_kwargs=dict(
             nonlinearity=nonlinearity,
             time_reduction=time_reduction,
@@ -179,6 +195,7 @@ def rnn2(
     center_targets: bool = True,
     grad_dtype: str | None = None,
     freeze_rnn: bool = False,
+    feature_norm: str | None = None,
 ) -> nn.Sequential:
     """Two stacked recurrent layers with a two-layer perceptron (paper Table 7).
 
@@ -200,6 +217,7 @@ def rnn2(
         mlp_hidden=(mlp_hidden,),
         negative_slope=negative_slope,
         freeze_rnn=freeze_rnn,
+        feature_norm=feature_norm,
         rnn_kwargs=dict(
             nonlinearity=nonlinearity,
             time_reduction=time_reduction,
@@ -229,6 +247,7 @@ def birnn1(
     center_targets: bool = True,
     grad_dtype: str | None = None,
     freeze_rnn: bool = False,
+    feature_norm: str | None = None,
 ) -> nn.Sequential:
     """Single-layer bidirectional RNN with a linear classifier (paper Table 8).
 
@@ -250,6 +269,7 @@ def birnn1(
         mlp_hidden=(),
         negative_slope=0.01,
         freeze_rnn=freeze_rnn,
+        feature_norm=feature_norm,
         rnn_kwargs=dict(
             nonlinearity=nonlinearity,
             time_reduction=time_reduction,
