@@ -125,8 +125,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 # Settings of one column that differ from its dataset's, chosen on the validation holdout like the rest (the probes
-# table of the report shows each beside the run it replaced): {column: {dataset: {key: value}}}. Every method gets
-# the settings that suit it; a column trained with the local rules' lr where it fails would compare nothing.
+# table of the report shows each beside the run it replaced): {column: {dataset: {key: value}}}, and
+# {column: {"<table>/<dataset>": {key: value}}} for one table alone, over the dataset's. Every method gets the settings
+# that suit it; a column trained with the local rules' lr where it fails would compare nothing.
 COLUMN_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     # BPTT at the local rules' lr collapsed on pixels and on stacked rows; lr 2e-4, seed 0, validation: rows 86.0 ->
     # 97.2 %, pixels 9.4 -> 92.9 %, EEG (3 seeds) 92.8 -> 96.4 %, Twitter 67.8 -> 73.6 %
@@ -176,9 +177,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def settings_for(dataset: str, column: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The settings a column's runs use: the dataset's, the column's own (``COLUMN_SETTINGS``), then ``--set``."""
-    return {**SETTINGS[dataset], **COLUMN_SETTINGS.get(column, {}).get(dataset, {}), **(overrides or {})}
+def column_settings(table: str, dataset: str, column: str) -> dict[str, Any]:
+    """A column's own settings in one table (``COLUMN_SETTINGS``): the dataset's entry, then the table's."""
+    own = COLUMN_SETTINGS.get(column, {})
+    return {**own.get(dataset, {}), **own.get(f"{table}/{dataset}", {})}
+
+
+def settings_for(table: str, dataset: str, column: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings a column's runs use: the dataset's, the column's own (:func:`column_settings`), then ``--set``."""
+    return {**SETTINGS[dataset], **column_settings(table, dataset, column), **(overrides or {})}
 
 
 def layerwise_epochs(settings: dict[str, Any], model: str, epochs: int) -> list[int]:
@@ -292,7 +299,7 @@ def run_one(
 
     L.seed_everything(seed, verbose=False)
     dm = make_datamodule(dataset, data_dir, seed, quick)
-    settings = settings_for(dataset, column, overrides)
+    settings = settings_for(table, dataset, column, overrides)
     module = SequenceClassifier(
         model=TABLES[table],
         num_classes=dm.num_classes,
@@ -383,22 +390,21 @@ def adopt_column_settings(store: dict) -> list[tuple[str, str]]:
     """
     accuracy = store.get("accuracy", {})
     moves: list[tuple[str, str]] = []
-    for column, by_dataset in COLUMN_SETTINGS.items():
-        for dataset, own in by_dataset.items():
-            for key in sorted(accuracy):
-                parts = key.split("/", 5)
-                if parts[1:3] != [dataset, column] or "/quick" in key:
-                    continue
-                if len(parts) == 5:  # a run without recorded settings had the dataset's, as the tables assume
-                    then = {k: accuracy[key].get("settings", SETTINGS[dataset]).get(k) for k in own}
-                    if then != own:
-                        moves.append((key, _key(*parts[:3], int(parts[3]), int(parts[4][1:]), False, then)))
-                elif _probe_settings(parts[5]) == own:
-                    base = "/".join(parts[:5])
-                    if accuracy.get(base) == accuracy[key]:  # merged again after an earlier move: a duplicate
-                        del accuracy[key]
-                    else:
-                        moves.append((key, base))
+    for key in sorted(accuracy):
+        parts = key.split("/", 5)
+        own = column_settings(*parts[:3])
+        if not own or "/quick" in key:
+            continue
+        if len(parts) == 5:  # a run without recorded settings had the dataset's, as the tables assume
+            then = {k: accuracy[key].get("settings", SETTINGS[parts[1]]).get(k) for k in own}
+            if then != own:
+                moves.append((key, _key(*parts[:3], int(parts[3]), int(parts[4][1:]), False, then)))
+        elif _probe_settings(parts[5]) == own:
+            base = "/".join(parts[:5])
+            if accuracy.get(base) == accuracy[key]:  # merged again after an earlier move: a duplicate
+                del accuracy[key]
+            else:
+                moves.append((key, base))
     staying = set(accuracy) - {old for old, _ in moves}  # table runs leave their keys, so a probe can take one
     news = [new for _, new in moves]
     for old, new in moves:
@@ -454,7 +460,7 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
         dm = make_datamodule(dataset, args.data_dir, 0, quick=False)
         wall: dict[str, list[float]] = {m: [] for m in (*methods, "local-head")}
         cpu: dict[str, list[float]] = {m: [] for m in (*methods, "local-head")}
-        settings = settings_for(dataset, "l1", args.overrides)  # the local step trains the RNN by l1
+        settings = settings_for("5", dataset, "l1", args.overrides)  # the local step trains the RNN by l1
         rnn_epochs = layerwise_epochs(settings, "rnn1", args.epochs)[0]
         for _ in range(rounds):
             for method in methods:
@@ -685,6 +691,12 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
     lines += ["", "### Settings per dataset", "", "| dataset | settings | a column's own settings |", "|---|---|---|"]
     for d in args.datasets:
         own = [f"{c}: `{json.dumps(by[d])}`" for c, by in COLUMN_SETTINGS.items() if by.get(d)]
+        own += [
+            f"{c}, Table {t}: `{json.dumps(by[f'{t}/{d}'])}`"
+            for c, by in COLUMN_SETTINGS.items()
+            for t in TABLES
+            if by.get(f"{t}/{d}")
+        ]
         lines.append(f"| {d} | `{json.dumps(SETTINGS[d])}` | {'<br>'.join(own) or '–'} |")
     report = _report_path(args)
     lines += ["", f"![accuracy per table]({report.with_suffix('.png').name})", ""]
@@ -809,18 +821,17 @@ def _target_lines(store: dict, args: argparse.Namespace) -> list[str]:
 
 #: Settings that change the network itself rather than its training: a column with its own value of one of them is
 #: compared with a random RNN + classifier built the same way (a probe run of that column with these settings).
-ARCHITECTURE_KEYS = ("nonlinearity", "init_scale", "input_init_scale", "bias_init_scale")
+ARCHITECTURE_KEYS = ("nonlinearity", "init_scale", "input_init_scale", "bias_init_scale", "feature_norm")
 
 
-def control_overrides(dataset: str, column: str) -> dict[str, Any]:
+def control_overrides(table: str, dataset: str, column: str) -> dict[str, Any]:
     """The ``--set`` settings of the random-RNN control of ``column``: its own architecture settings, if any."""
-    own = COLUMN_SETTINGS.get(column, {}).get(dataset, {})
-    return {key: value for key, value in own.items() if key in ARCHITECTURE_KEYS}
+    return {key: value for key, value in column_settings(table, dataset, column).items() if key in ARCHITECTURE_KEYS}
 
 
 def _control_runs(store: dict, table: str, dataset: str, column: str, epochs: int, quick: bool) -> list[dict]:
     """The random RNN + classifier runs that ``column`` is compared with (see :func:`control_overrides`)."""
-    overrides = control_overrides(dataset, column)
+    overrides = control_overrides(table, dataset, column)
     if not overrides:
         return _runs(store, table, dataset, "random_rnn", epochs, quick)
     accuracy = store.get("accuracy", {})

@@ -117,14 +117,41 @@ def test_rnn_tables_adopts_a_columns_own_settings(monkeypatch):
         rnn_tables.adopt_column_settings(store)
 
 
+def test_rnn_tables_a_columns_settings_for_one_table(monkeypatch):
+    from benchmarks import rnn_tables
+
+    own = {"twitter": {"rnn_lr": 3e-5}, "7/twitter": {"feature_norm": "batch"}}
+    monkeypatch.setattr(rnn_tables, "COLUMN_SETTINGS", {"drtp": own})
+    assert rnn_tables.settings_for("5", "twitter", "drtp")["rnn_lr"] == 3e-5
+    assert rnn_tables.settings_for("5", "twitter", "drtp").get("feature_norm") is None
+    assert rnn_tables.settings_for("7", "twitter", "drtp")["feature_norm"] == "batch"
+    assert rnn_tables.control_overrides("7", "twitter", "drtp") == {"feature_norm": "batch"}
+    assert rnn_tables.control_overrides("5", "twitter", "drtp") == {}
+    before = {"acc": 64.0, "settings": {"rnn_lr": 3e-5}}
+    after = {"acc": 67.0, "settings": {"rnn_lr": 3e-5, "feature_norm": "batch"}}
+    single = {"acc": 67.3, "settings": {"rnn_lr": 3e-5}}
+    store = {
+        "accuracy": {
+            "7/twitter/drtp/0/e20": before,
+            '7/twitter/drtp/0/e20/feature_norm="batch",rnn_lr=3e-05': after,
+            "5/twitter/drtp/0/e20": single,
+        }
+    }
+    assert sorted(rnn_tables.adopt_column_settings(store)) == [
+        ("7/twitter/drtp/0/e20", "7/twitter/drtp/0/e20/feature_norm=null,rnn_lr=3e-05"),
+        ('7/twitter/drtp/0/e20/feature_norm="batch",rnn_lr=3e-05', "7/twitter/drtp/0/e20"),
+    ]
+    assert store["accuracy"]["7/twitter/drtp/0/e20"] is after and store["accuracy"]["5/twitter/drtp/0/e20"] is single
+
+
 def test_rnn_tables_compares_a_column_with_a_control_built_like_it(monkeypatch):
     from argparse import Namespace
 
     from benchmarks import rnn_tables
 
     monkeypatch.setattr(rnn_tables, "COLUMN_SETTINGS", {"drtp": {"pixels": {"nonlinearity": "sigmoid", "lr": 0.1}}})
-    assert rnn_tables.control_overrides("pixels", "drtp") == {"nonlinearity": "sigmoid"}
-    assert rnn_tables.control_overrides("pixels", "l1") == {} == rnn_tables.control_overrides("rows", "drtp")
+    assert rnn_tables.control_overrides("5", "pixels", "drtp") == {"nonlinearity": "sigmoid"}
+    assert rnn_tables.control_overrides("5", "pixels", "l1") == {} == rnn_tables.control_overrides("5", "rows", "drtp")
     run = lambda acc: {"acc": acc, "val_acc": [acc]}  # noqa: E731
     accuracy = {
         "5/pixels/drtp/0/e20": run(60.0),
