@@ -10,9 +10,14 @@ each epoch reads its final hidden states on the training subset and on the valid
 - ``probe``: validation accuracy of a logistic regression fitted on the training subset's states (the
   quality of the features a classifier head could use).
 
+With ``--model rnn2`` it trains the two stacked layers of Table 7's network instead, with each column's own
+settings there (``benchmarks.rnn_tables.settings_for``), and measures each layer's final state (a unit is
+``saturated`` within 0.01 of a bound of its nonlinearity: tanh's ±1, sigmoid's 0 and 1).
+
 Usage::
 
     python -m benchmarks.rnn_saturation --data-dir ../shared/data --dataset pixels --threads 1
+    python -m benchmarks.rnn_saturation --data-dir ../shared/data --dataset pixels --model rnn2 --epochs 5 --threads 1
 
 ℓ1's pseudo-gradient ``sign(h - T)`` changes sign once a unit reaches its target; DRTP's ``-T`` never does, so
 nothing but the vanishing tanh slope holds a unit back. The report shows where that leads.
@@ -30,7 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.rnn_tables import SETTINGS, make_datamodule, model_kwargs
+from benchmarks.rnn_tables import SETTINGS, make_datamodule, model_kwargs, settings_for
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "rnn_saturation"
@@ -47,57 +52,82 @@ CONFIGS: tuple[tuple[str, str | None, str, float | None, tuple[str, ...]], ...] 
 )
 
 
+#: Table 7's columns measured with ``--model rnn2``: (label, rule, column whose settings it uses); rule None: the
+#: random initial RNN of that column's cell, untrained.
+STACKED_CONFIGS: tuple[tuple[str, str | None, str], ...] = (
+    ("random RNN (untrained), ℓ1's cell", None, "l1"),
+    ("tpSGD-ℓ1 (the tables)", "l1", "l1"),
+    ("random RNN (untrained), DRTP's cell", None, "drtp"),
+    ("DRTP (the tables)", "drtp", "drtp"),
+)
+
+
 def _features(model: torch.nn.Module, loader: Any, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states (N, H) and labels (N,) of the first ``limit`` samples of ``loader``."""
+    """Final hidden states of every layer (L, N, H) and labels (N,) of the first ``limit`` samples of ``loader``."""
     states, labels, n = [], [], 0
     with torch.no_grad():
         for x, y in loader:
-            states.append(model[1](model[0](x)))
+            states.append(model[0](x)[1])  # h_n: (L, B, H)
             labels.append(y)
             n += len(y)
             if n >= limit:
                 break
-    return torch.cat(states)[:limit], torch.cat(labels)[:limit]
+    return torch.cat(states, dim=1)[:, :limit], torch.cat(labels)[:limit]
 
 
-def measure(model: torch.nn.Module, dm: Any, samples: int) -> dict[str, float]:
-    """Saturation, unit spread and linear-probe accuracy of the RNN's final states."""
+def measure(model: torch.nn.Module, dm: Any, samples: int) -> list[dict[str, float]]:
+    """Saturation, unit spread and linear-probe accuracy of each layer's final states, first layer first."""
     from sklearn.linear_model import LogisticRegression
 
     model.eval()
     x_train, y_train = _features(model, dm.train_dataloader(), samples)
     x_val, y_val = _features(model, dm.val_dataloader(), samples)
     model.train()
-    probe = LogisticRegression(max_iter=300).fit(x_train.numpy(), y_train.numpy())
-    return {
-        "saturated": float((x_train.abs() > 0.99).float().mean()),
-        "unit_std": float(x_train.std(0).mean()),
-        "probe": 100 * float(probe.score(x_val.numpy(), y_val.numpy())),
-    }
+    low, high = (0.0, 1.0) if model[0].nonlinearity == "sigmoid" else (-1.0, 1.0)
+    rows = []
+    for layer_train, layer_val in zip(x_train, x_val, strict=True):
+        probe = LogisticRegression(max_iter=300).fit(layer_train.numpy(), y_train.numpy())
+        rows.append(
+            {
+                "saturated": float(((layer_train - low < 0.01) | (high - layer_train < 0.01)).float().mean()),
+                "unit_std": float(layer_train.std(0).mean()),
+                "probe": 100 * float(probe.score(layer_val.numpy(), y_val.numpy())),
+            }
+        )
+    return rows
 
 
 def run_config(
-    dataset: str, rule: str | None, optimizer: str, lr: float, frozen: tuple[str, ...], args: argparse.Namespace
+    dataset: str,
+    rule: str | None,
+    optimizer: str,
+    lr: float,
+    frozen: tuple[str, ...],
+    args: argparse.Namespace,
+    model_name: str = "rnn1",
+    settings: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """One row: the measurements after 0 (rule None) or after each of ``args.epochs`` epochs, with lr ``lr``."""
+    """The measurements after 0 (rule None) or after each of ``args.epochs`` epochs, with lr ``lr``: one row per
+    epoch and layer (``settings``: the run's, default the dataset's)."""
     from lightning_tpsgd import LocalLearner
     from zoo import create_model
 
+    settings = SETTINGS[dataset] if settings is None else settings
     torch.manual_seed(args.seed)
     dm = make_datamodule(dataset, args.data_dir, args.seed, False, train_subset=args.train_subset)
     dm.setup("fit")
-    model = create_model("rnn1", num_classes=dm.num_classes, **model_kwargs(SETTINGS[dataset], dm.input_size))
+    model = create_model(model_name, num_classes=dm.num_classes, **model_kwargs(settings, dm.input_size))
     if rule is None:
-        return [{"epoch": 0, **measure(model, dm, args.samples)}]
+        return [{"epoch": 0, "layer": k, **row} for k, row in enumerate(measure(model, dm, args.samples))]
     for name in frozen:
         getattr(model[0], name).requires_grad_(False)
     make_optimizer = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
     learner = LocalLearner(
         model,
         rule="l2",
-        overrides={"0": {"rule": rule, "target_scale": SETTINGS[dataset]["target_scale"]}},
+        overrides={"0": {"rule": rule, "target_scale": settings["target_scale"]}},
         schedule="layerwise",
-        epochs_per_layer=[args.epochs, 1],
+        epochs_per_layer=[args.epochs] + [1] * sum(isinstance(m, torch.nn.Linear) for m in model),  # RNN, then head
         seed=args.seed,
         optimizer=lambda params: make_optimizer(params, lr=lr),
     )
@@ -106,7 +136,7 @@ def run_config(
         learner.set_epoch(epoch)
         for x, y in dm.train_dataloader():
             learner.step(x, y)
-        rows.append({"epoch": epoch + 1, **measure(model, dm, args.samples)})
+        rows += [{"epoch": epoch + 1, "layer": k, **row} for k, row in enumerate(measure(model, dm, args.samples))]
         print(f"  {rule} {optimizer} {lr} frozen={frozen} epoch {epoch + 1}: {rows[-1]}", flush=True)
     return rows
 
@@ -125,18 +155,23 @@ def write_report(store: dict, command: str, out: Path) -> None:
         "regression on the states.",
         "",
     ]
-    for dataset, result in store.items():
+    for key, result in store.items():
+        stacked = result.get("model") == "rnn2"
+        dataset = key.split("/")[0]
         lines += [
-            f"## {dataset} (training subset {result['train_subset']}, seed {result['seed']})",
+            f"## {dataset}{', Table 7 (two stacked layers)' if stacked else ''} (training subset "
+            f"{result['train_subset']}, seed {result['seed']})",
             "",
-            "| rule | optimizer | epoch | saturated | unit std | probe (%) |",
-            "|---|---|---|---|---|---|",
+            *([f"Command: `{result['command']}`", ""] if "command" in result else []),
+            f"| rule | optimizer | epoch |{' layer |' if stacked else ''} saturated | unit std | probe (%) |",
+            f"|---|---|---|{'---|' if stacked else ''}---|---|---|",
         ]
         for label, rows in result["configs"].items():
             for row in rows:
+                layer = f" {row['layer'] + 1} |" if stacked else ""
                 lines.append(
-                    f"| {label} | {row['optimizer']} | {row['epoch']} | {row['saturated']:.3f} | {row['unit_std']:.4f} "
-                    f"| {row['probe']:.2f} |"
+                    f"| {label} | {row['optimizer']} | {row['epoch']} |{layer} {row['saturated']:.3f} "
+                    f"| {row['unit_std']:.4f} | {row['probe']:.2f} |"
                 )
         lines.append("")
     lines += [
@@ -151,6 +186,14 @@ def write_report(store: dict, command: str, out: Path) -> None:
         "RNN epoch at a small learning rate of the RNN's own (`rnn_lr`), which stops DRTP early.",
         "",
     ]
+    if any(result.get("model") == "rnn2" for result in store.values()):
+        lines += [
+            "Table 7 (`--model rnn2`): each column's own settings there (DRTP: the sigmoid cell on pixels), the",
+            "layer-wise schedule's RNN stage with both layers trained together, each on its own targets; `layer`",
+            "is the layer whose final state is measured (the head reads layer 2's). A sigmoid unit is saturated",
+            "within 0.01 of 0 or 1.",
+            "",
+        ]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -163,6 +206,13 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=10000, help="training sequences used")
     parser.add_argument("--samples", type=int, default=5000, help="sequences read for the features and the probe")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        choices=["rnn1", "rnn2"],
+        default="rnn1",
+        help="rnn1: Table 5's single layer at the dataset's settings, every rule; rnn2: Table 7's two stacked layers, "
+        "the tables' ℓ1 and DRTP columns at their own settings",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / NAME, help="results path without suffix (.json, .md)")
     args = parser.parse_args()
@@ -173,15 +223,24 @@ def main() -> None:
     for dataset in args.dataset:
         start = time.perf_counter()
         configs = {}
-        for label, rule, optimizer, lr, frozen in CONFIGS:
-            lr = SETTINGS[dataset]["lr"] if lr is None else lr
-            rows = run_config(dataset, rule, optimizer, lr, frozen, args)
-            configs[label] = [{**row, "optimizer": f"{optimizer} {lr:g}" if rule else "–"} for row in rows]
-        store[dataset] = {
+        if args.model == "rnn1":
+            for label, rule, optimizer, lr, frozen in CONFIGS:
+                lr = SETTINGS[dataset]["lr"] if lr is None else lr
+                rows = run_config(dataset, rule, optimizer, lr, frozen, args)
+                configs[label] = [{**row, "optimizer": f"{optimizer} {lr:g}" if rule else "–"} for row in rows]
+        else:
+            for label, rule, column in STACKED_CONFIGS:
+                settings = settings_for("7", dataset, column)
+                lr = settings.get("rnn_lr") or settings["lr"]
+                rows = run_config(dataset, rule, "adam", lr, (), args, "rnn2", settings)
+                configs[label] = [{**row, "optimizer": f"adam {lr:g}" if rule else "–"} for row in rows]
+        store[dataset if args.model == "rnn1" else f"{dataset}/{args.model}"] = {
             "configs": configs,
+            "model": args.model,
             "train_subset": args.train_subset,
             "seed": args.seed,
             "seconds": time.perf_counter() - start,
+            "command": "python -m benchmarks.rnn_saturation " + " ".join(sys.argv[1:]),
         }
         path.write_text(json.dumps(store, indent=1))
     write_report(store, "python -m benchmarks.rnn_saturation " + " ".join(sys.argv[1:]), args.out)

@@ -93,6 +93,12 @@ def test_rnn_saturation_measures_every_rule(tmp_path):
     configs = store["eeg"]["configs"]
     assert len(configs) == 6 and all(0 <= row["probe"] <= 100 for rows in configs.values() for row in rows)
     assert "| DRTP, the dataset's lr | adam 0.001 | 1 |" in (tmp_path / "sat.md").read_text()  # EEG's lr
+    subprocess.run([*cmd, *args, "--model", "rnn2"], cwd=ROOT, check=True, timeout=600, capture_output=True)
+    store = json.loads((tmp_path / "sat.json").read_text())
+    assert set(store) == {"eeg", "eeg/rnn2"} and len(store["eeg"]["configs"]) == 6  # the rnn1 section is kept
+    stacked = store["eeg/rnn2"]["configs"]["DRTP (the tables)"]
+    assert [(row["epoch"], row["layer"]) for row in stacked] == [(1, 0), (1, 1)]
+    assert "## eeg, Table 7 (two stacked layers)" in (tmp_path / "sat.md").read_text()
 
 
 def test_rnn_tables_adopts_a_columns_own_settings(monkeypatch):
