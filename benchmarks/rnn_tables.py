@@ -140,6 +140,11 @@ COLUMN_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "pixels": {"nonlinearity": "sigmoid"},
         "eeg": {"rnn_lr": 5e-4, "rnn_fraction": 0.05},
         "twitter": {"rnn_lr": 3e-5, "rnn_fraction": 0.05},
+        # Table 7's head has a hidden layer trained by a local rule on DRTP's features, which vary little around a
+        # large offset; standardised (feature_norm, seed 0, validation) Twitter 64.1 -> 66.7 % (Table 5's linear
+        # classifier: 66.5 -> 66.6 %, so Table 5 keeps the paper's head). Pixels gained less than in Table 5
+        # (49.6 -> 51.2 % against 59.5 -> 62.0 %): no change there.
+        "7/twitter": {"feature_norm": "batch"},
     },
 }
 
@@ -859,7 +864,8 @@ def _comparison_lines(store: dict, args: argparse.Namespace) -> list[str]:
         "",
         "Margins in points of test accuracy (means over seeds). vs random: trained column minus the random RNN +",
         "classifier column of the same table (also on the validation holdout, after the last epoch). Where a",
-        "column's own settings change the network (DRTP's sigmoid cell), its control is a random RNN + classifier",
+        "column's own settings change the network (DRTP's sigmoid cell on pixels, its standardised features in Table",
+        "7 on Twitter: `feature_norm`), its control is a random RNN + classifier",
         "built the same way: the `random_rnn` probe runs with those settings (the probes table lists them).",
         "vs single-layer: the column in this table minus the same column in Table 5 (best: best trained column",
         "minus Table 5's best trained one). EEG's test split has 920 sequences, so one run's test accuracy near",
