@@ -74,6 +74,11 @@ def _rnn_classifier(
     for name, value in (("num_classes", num_classes), ("input_size", input_size), ("hidden_size", hidden_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if feature_norm not in FEATURE_NORMS:
+        raise ValueError(
+            f"feature_norm must be one of {', '.join(map(repr, FEATURE_NORMS))}, got {feature_norm!r}: None keeps "
+            "the paper's head, 'batch' standardises each final-state unit with its batch statistics."
+        )
     rnn = RNN(
         input_size,
         hidden_size,
@@ -83,11 +88,6 @@ def _rnn_classifier(
         return_sequences=False,  # the head reads the final states only: no (T, B, H) buffer in the local step
         **rnn_kwargs,
     )
-    if feature_norm not in FEATURE_NORMS:
-        raise ValueError(
-            f"feature_norm must be one of {', '.join(map(repr, FEATURE_NORMS))}, got {feature_norm!r}: None keeps "
-            "the paper's head, 'batch' standardises each final-state unit with its batch statistics."
-        )
     head: list[nn.Module] = []
     width = hidden_size * rnn.num_directions
     if feature_norm == "batch":  # no parameters: it passes through the local rules untouched
