@@ -911,7 +911,7 @@ def _comparison_lines(store: dict, args: argparse.Namespace) -> list[str]:
         "states within 0.01 of 0 or 1 against 64.9 %, linear probe 54.5 % against 60.1 %; `python -m",
         "benchmarks.rnn_saturation --dataset pixels --model rnn2 --epochs 5 --train-subset 0`). Probes on the",
         "validation holdout (seed 0) did not close the gap: standardised features (`feature_norm`) 51.2 % against",
-        "49.6 % (Table 5 gains as much: 62.0 % against 59.5 %), `rnn_lr` 5e-4 49.6 %, `rnn_lr` 2e-4 10.5 % (the",
+        "49.6 % (Table 5 gains more: 62.0 % against 59.5 %), `rnn_lr` 5e-4 49.6 %, `rnn_lr` 2e-4 10.5 % (the",
         "units never leave their constant initial state).",
     ]
     return [*lines, ""]
