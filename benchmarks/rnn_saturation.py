@@ -227,6 +227,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     path = args.out.with_suffix(".json")
     store = json.loads(path.read_text()) if path.exists() else {}
+    command = "python -m benchmarks.rnn_saturation " + " ".join(sys.argv[1:])
     for dataset in args.dataset:
         start = time.perf_counter()
         configs = {}
@@ -247,10 +248,10 @@ def main() -> None:
             "train_subset": args.train_subset,
             "seed": args.seed,
             "seconds": time.perf_counter() - start,
-            "command": "python -m benchmarks.rnn_saturation " + " ".join(sys.argv[1:]),
+            "command": command,
         }
         path.write_text(json.dumps(store, indent=1))
-    write_report(store, "python -m benchmarks.rnn_saturation " + " ".join(sys.argv[1:]), args.out)
+    write_report(store, command, args.out)
 
 
 if __name__ == "__main__":
