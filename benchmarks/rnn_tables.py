@@ -425,14 +425,16 @@ def adopt_column_settings(store: dict) -> list[tuple[str, str]]:
 def merge_stores(store: dict, paths: list[str]) -> None:
     """Add the runs saved in other result files (e.g. parallel runs on another machine); kept entries win.
 
-    Accuracy runs and speed entries are merged one by one, other parts (``memory``, ``memory/cuda``) whole.
+    Accuracy runs and speed entries are merged one by one, other parts (``memory``, ``memory/cuda``) whole. A run
+    stored already under another key (moved there by :func:`adopt_column_settings`) is not added again.
     """
     for path in paths:
         other = json.loads(Path(path).read_text())
         for part, entries in other.items():
             if part in ("accuracy", "speed"):
                 mine = store.setdefault(part, {})
-                added = [key for key in entries if key not in mine]
+                stored = [*mine.values()]
+                added = [key for key in entries if key not in mine and entries[key] not in stored]
                 mine.update({key: entries[key] for key in added})
                 print(f"{path}: merged {len(added)} of {len(entries)} {part} entries", flush=True)
             elif part == "commands":

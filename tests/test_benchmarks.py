@@ -25,7 +25,11 @@ def test_rnn_tables_merges_parallel_result_files(tmp_path):
     kept = {"acc": 90.0}
     store = {"accuracy": {"5/rows/l1/0/e20": kept}, "commands": {"accuracy": ["a"]}}
     other = {
-        "accuracy": {"5/rows/l1/0/e20": {"acc": 1.0}, "5/rows/l1/1/e20": {"acc": 91.0}},
+        "accuracy": {
+            "5/rows/l1/0/e20": {"acc": 1.0},
+            "5/rows/l1/1/e20": {"acc": 91.0},
+            "5/rows/l1/0/e20/lr=0.002": {"acc": 90.0},  # the kept run, stored under its probe key before a move
+        },
         "speed": {"rows/cuda": {"speedup": 0.8}},
         "memory/cuda": {"rss_ratio": 0.1},
         "commands": {"accuracy": ["a", "b"]},
