@@ -692,6 +692,7 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
                 cells.append(f"{cell}<br>paper {PAPER[(table, dataset)][i]:.2f}")
             lines.append(f"| {DATASET_TITLES[dataset]} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _seed_lines(store, args)
     lines += _target_lines(store, args)
     lines += _crosscheck_lines(store)
     lines += _probe_lines(store)
@@ -712,6 +713,32 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
     report.write_text("\n".join(lines))
     _plot(store, args, report.with_suffix(".png"))
     print("\n".join(lines))
+
+
+def _seed_lines(store: dict, args: argparse.Namespace) -> list[str]:
+    """The table cells with fewer runs than most cells have, with what one of their runs costs."""
+    counts = {
+        (table, dataset, column): _runs(store, table, dataset, column, args.epochs, args.quick)
+        for table in args.tables
+        for dataset in args.datasets
+        for column in COLUMNS
+    }
+    sizes = [len(runs) for runs in counts.values() if runs]
+    most = statistics.mode(sizes) if sizes else 0
+    fewer = []
+    for (table, dataset, column), runs in counts.items():
+        if 0 < len(runs) < most:
+            times = [r["fit_s"] for r in runs if "fit_s" in r]
+            devices = ", ".join(sorted({r.get("device", "a device not recorded") for r in runs}))
+            cost = f"{statistics.mean(times) / 60:.0f} min a run on {devices}" if times else devices
+            fewer.append(f"Table {table} {DATASET_TITLES[dataset]} {COLUMN_TITLES[column]} (n={len(runs)}, {cost})")
+    if not fewer:
+        return []
+    return [
+        f"Cells with fewer runs than the {most} of most cells, their other seeds still to be run (CPU runs: one torch",
+        "thread each, two at a time on a 2-core machine): " + "; ".join(fewer) + ".",
+        "",
+    ]
 
 
 def _device_lines(store: dict, args: argparse.Namespace) -> list[str]:

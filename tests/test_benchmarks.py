@@ -181,3 +181,19 @@ def test_rnn_tables_compares_a_column_with_a_control_built_like_it(monkeypatch):
     assert "More than 2 points below the single-layer network: DRTP in Table 7 on Seq. MNIST (pixels) (-10.00)." in (
         lines
     )
+
+
+def test_rnn_tables_names_the_cells_with_fewer_seeds():
+    from argparse import Namespace
+
+    from benchmarks import rnn_tables
+
+    run = lambda acc, fit_s=600.0: {"acc": acc, "fit_s": fit_s, "device": "cpu"}  # noqa: E731
+    accuracy = {f"7/rows/{column}/{seed}/e20": run(80.0) for column in ("l1", "drtp") for seed in range(3)}
+    accuracy |= {"7/rows/bp/0/e20": run(98.0, 1800.0), "7/rows/bp/0/e20/lr=0.002": run(9.8)}  # a probe: not counted
+    args = Namespace(tables=["7"], datasets=["rows"], epochs=20, quick=False)
+    lines = rnn_tables._seed_lines({"accuracy": accuracy}, args)
+    assert "fewer runs than the 3 of most cells" in lines[0]
+    assert "Table 7 Seq. MNIST (rows) BP (n=1, 30 min a run on cpu)." in lines[1]
+    accuracy |= {f"7/rows/bp/{seed}/e20": run(98.0) for seed in (1, 2)}
+    assert rnn_tables._seed_lines({"accuracy": accuracy}, args) == []
