@@ -680,6 +680,7 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
         "",
         *_device_lines(store, args),
     ]
+    cell_runs: dict[tuple[str, str, str], list[dict]] = {}  # each table cell's runs, for the tables and the seeds
     for table in args.tables:
         lines += [f"## {TABLE_TITLES[table]} (`{TABLES[table]}`)", ""]
         lines.append("| dataset | " + " | ".join(COLUMN_TITLES[c] for c in COLUMNS) + " |")
@@ -687,12 +688,12 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
         for dataset in args.datasets:
             cells = []
             for i, column in enumerate(COLUMNS):
-                runs = _runs(store, table, dataset, column, args.epochs, args.quick)
+                runs = cell_runs[table, dataset, column] = _runs(store, table, dataset, column, args.epochs, args.quick)
                 cell = _mean_std([r["acc"] for r in runs]) + (f" (n={len(runs)})" if runs else "")
                 cells.append(f"{cell}<br>paper {PAPER[(table, dataset)][i]:.2f}")
             lines.append(f"| {DATASET_TITLES[dataset]} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _seed_lines(store, args)
+    lines += _seed_lines(cell_runs)
     lines += _target_lines(store, args)
     lines += _crosscheck_lines(store)
     lines += _probe_lines(store)
@@ -715,18 +716,12 @@ def write_report(store: dict, args: argparse.Namespace, command: str) -> None:
     print("\n".join(lines))
 
 
-def _seed_lines(store: dict, args: argparse.Namespace) -> list[str]:
-    """The table cells with fewer runs than most cells have, with what one of their runs costs."""
-    counts = {
-        (table, dataset, column): _runs(store, table, dataset, column, args.epochs, args.quick)
-        for table in args.tables
-        for dataset in args.datasets
-        for column in COLUMNS
-    }
-    sizes = [len(runs) for runs in counts.values() if runs]
+def _seed_lines(cell_runs: dict[tuple[str, str, str], list[dict]]) -> list[str]:
+    """The table cells (``(table, dataset, column)`` -> runs) with fewer runs than most cells, with a run's cost."""
+    sizes = [len(runs) for runs in cell_runs.values() if runs]
     most = statistics.mode(sizes) if sizes else 0
     fewer = []
-    for (table, dataset, column), runs in counts.items():
+    for (table, dataset, column), runs in cell_runs.items():
         if 0 < len(runs) < most:
             times = [r["fit_s"] for r in runs if "fit_s" in r]
             devices = ", ".join(sorted({r.get("device", "a device not recorded") for r in runs}))
@@ -735,8 +730,8 @@ def _seed_lines(store: dict, args: argparse.Namespace) -> list[str]:
     if not fewer:
         return []
     return [
-        f"Cells with fewer runs than the {most} of most cells, their other seeds still to be run (CPU runs: one torch",
-        "thread each, two at a time on a 2-core machine): " + "; ".join(fewer) + ".",
+        f"Cells with fewer runs than the {most} of most cells, their other seeds still to be run (each run's torch",
+        "threads are in its command): " + "; ".join(fewer) + ".",
         "",
     ]
 
