@@ -2,7 +2,7 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.fig4 --data-dir ../shared/data --seeds 2 --threads 1   # full
+    OMP_NUM_THREADS=1 python -m benchmarks.fig4 --data-dir ../shared/data --seeds 3 --threads 1   # full
     OMP_NUM_THREADS=1 python -m benchmarks.fig4 --data-dir ../shared/data --seeds 1 --quick          # minutes
 
 Cell ``(n_conv, n_hidden)`` of the grid is ``zoo`` ``convgrid(n_conv, n_hidden)``: ``n_conv`` times
