@@ -1,16 +1,27 @@
-"""One-shot device check: peak memory and throughput of BP vs tpSGD, fp32 and bf16.
+"""One-shot device check: throughput and peak memory of BP vs tpSGD, fp32 and bf16, eager and captured.
 
 Models: the paper's shallow CNN (MNIST size), the 4-layer conv net of the core benchmark (32 channels,
-64x64) and the zoo adaptor on a frozen ``tf_efficientnet_lite0`` (random weights: speed and memory do
-not depend on them). On CUDA it reports ``torch.cuda.max_memory_allocated`` above the memory held
-before the measured steps; on CPU (a smaller, slower run that CI exercises) the peak RSS increase.
+64x64), the zoo adaptor on a frozen ``tf_efficientnet_lite0`` (random weights: speed and memory do not
+depend on them) and the recurrent ``rnn1`` (Seq-MNIST rows: 28 steps of 28 inputs, hidden 512, ℓ1 on the
+recurrent layer). Methods, each on the same model, batch and precision:
+
+- ``bp``: backpropagation, an eager step with ``Adam``; ``bp-graph``: the same step captured as a CUDA graph
+  (the fair reference for the captured tpSGD step);
+- ``tpsgd``: ``LocalLearner.step`` with the defaults; ``tpsgd-compile``: ``compile=True`` (each block's local
+  gradient fused by ``torch.compile``); ``tpsgd-graph``: ``cuda_graph=True`` (the whole step captured);
+  ``tpsgd-compile-graph``: both;
+- ``tpsgd-lean`` / ``tpsgd-lean-graph``: lean-memory mode, eager and captured.
+
+On CUDA it reports ``torch.cuda.max_memory_allocated`` above the memory held before the measured steps; on
+CPU (a smaller, slower run that CI exercises; graph methods are skipped there) the peak RSS increase. A
+method that fails is reported with its error instead of stopping the run.
 
 Usage::
 
-    python -m benchmarks.gpu_check                 # CUDA if available, full size (≈ 2-3 minutes on one H100)
+    python -m benchmarks.gpu_check                 # CUDA if available, full size (about 5 minutes on one H200)
     python -m benchmarks.gpu_check --device cpu --quick
 
-Writes ``benchmarks/results/gpu_check.md``.
+Writes ``benchmarks/results/gpu_check.md`` (and ``.json``), with the torch and CUDA versions.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import platform
 import shlex
 import sys
 import time
@@ -34,147 +46,230 @@ from lightning_tpsgd import LocalLearner
 from ._memory import reset_peak_rss, status_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = (
+    "bp",
+    "bp-graph",
+    "tpsgd",
+    "tpsgd-compile",
+    "tpsgd-graph",
+    "tpsgd-compile-graph",
+    "tpsgd-lean",
+    "tpsgd-lean-graph",
+)
+Step = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
-def _models(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, list[str] | None]]:
-    """name -> (factory, input shape, batch size, output layers)."""
+def _models(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, ...], dict]]:
+    """name -> (factory, input shape, batch sizes, LocalLearner options)."""
     from zoo import create_model
-
-    batch = 16 if quick else 128
-    convnet_size = 32 if quick else 64
 
     def adaptor() -> nn.Module:
         from zoo import TimmAdaptor
 
         return TimmAdaptor("tf_efficientnet_lite0", num_classes=10, pretrained=False, img_size=112)
 
+    size = 32 if quick else 64
+    small, large = (16,), ((128, 512) if not quick else (16,))
     return {
-        "cnn2": (lambda: create_model("cnn2", num_classes=10, in_chans=1, input_size=28), (1, 28, 28), batch, None),
+        "cnn2": (lambda: create_model("cnn2", num_classes=10, in_chans=1, input_size=28), (1, 28, 28), large, {}),
         "convnet4": (
-            lambda: create_model("convnet4", num_classes=10, in_chans=3, input_size=convnet_size, channels=32),
-            (3, convnet_size, convnet_size),
-            batch,
-            None,
+            lambda: create_model("convnet4", num_classes=10, in_chans=3, input_size=size, channels=32),
+            (3, size, size),
+            large,
+            {},
         ),
-        "adaptor": (adaptor, (3, 112, 112), 8 if quick else 64, None),
+        "adaptor": (adaptor, (3, 112, 112), (8,) if quick else (64,), {}),
+        "rnn1": (
+            lambda: create_model("rnn1", num_classes=10, input_size=28, hidden_size=64 if quick else 512),
+            (28, 28),
+            small if quick else (128,),
+            {"overrides": {"0": {"rule": "l1"}}},
+        ),
     }
 
 
-def _bp_step(model: nn.Module, autocast: Callable[[], Any]) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+def _graphed(step: Step, zero_grad: Callable[[], None], x: torch.Tensor, y: torch.Tensor, warmup: int = 3) -> Step:
+    """Capture ``step`` (without its ``zero_grad``) as a CUDA graph after ``warmup`` eager runs on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            zero_grad()
+            step(x, y)
+    torch.cuda.current_stream().wait_stream(stream)
+    static_x, static_y = x.clone(), y.clone()
+    graph = torch.cuda.CUDAGraph()
+    zero_grad()
+    with torch.cuda.graph(graph, stream=stream):
+        step(static_x, static_y)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = F.cross_entropy(model(x), y)
+    def replay(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        static_x.copy_(xb)
+        static_y.copy_(yb)
+        graph.replay()
+
+    return replay
+
+
+def _bp(model: nn.Module, graph: bool, x: torch.Tensor, y: torch.Tensor) -> Step:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3, capturable=graph)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         optimizer.step()
 
-    return step
+    def zero_grad() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    if graph:
+        return _graphed(step, zero_grad, x, y)
+    return lambda xb, yb: (zero_grad(), step(xb, yb))
 
 
-def _tpsgd_step(
-    model: nn.Module, autocast: Callable[[], Any], lean: bool
-) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def _tpsgd(model: nn.Module, method: str, options: dict) -> Step:
     outputs = getattr(model, "tpsgd_output_layers", None)
-    learner = LocalLearner(model, lean=lean, output_layers=outputs, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast():
-            learner.step(x, y)
-
-    return step
+    graph = method.endswith("-graph")
+    learner = LocalLearner(
+        model,
+        output_layers=outputs,
+        lean="lean" in method,
+        compile="compile" in method,
+        cuda_graph=graph,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, capturable=graph),
+        **options,
+    )
+    return learner.step
 
 
 def _peak_tracker(device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:
     if device.type == "cuda":
+        base = [0]
 
         def reset() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            reset.base = torch.cuda.memory_allocated()  # type: ignore[attr-defined]
+            base[0] = torch.cuda.memory_allocated()
 
-        return reset, lambda: torch.cuda.max_memory_allocated() - reset.base  # type: ignore[attr-defined]
+        return reset, lambda: torch.cuda.max_memory_allocated() - base[0]
+    base_cpu = [0]
 
     def reset_cpu() -> None:
-        reset_cpu.base = reset_peak_rss()  # type: ignore[attr-defined]
+        base_cpu[0] = reset_peak_rss()
 
-    return reset_cpu, lambda: status_bytes("VmHWM") - reset_cpu.base  # type: ignore[attr-defined]
+    return reset_cpu, lambda: status_bytes("VmHWM") - base_cpu[0]
 
 
-def measure(name: str, method: str, dtype: str, device: torch.device, quick: bool, steps: int) -> dict[str, float]:
-    factory, shape, batch, _ = _models(quick)[name]
+def measure(name: str, method: str, dtype: str, batch: int, device: torch.device, quick: bool, steps: int) -> dict:
+    factory, shape, _, options = _models(quick)[name]
     torch.manual_seed(0)
     model = factory().to(device)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    if dtype == "bf16":
-
-        def autocast() -> Any:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext
-    run = _bp_step(model, autocast) if method == "bp" else _tpsgd_step(model, autocast, lean=method.endswith("lean"))
-    run(x, y)  # warm-up: optimizer state, projections, kernels
-    run(x, y)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
+        if dtype == "bf16"
+        else contextlib.nullcontext
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reset, peak = _peak_tracker(device)
-    reset()
+    reset()  # the peak covers warm-up and capture too: a graph's memory pool is allocated there
+    with autocast():
+        run = _bp(model, method == "bp-graph", x, y) if method.startswith("bp") else _tpsgd(model, method, options)
+    for _ in range(5):  # warm-up: optimizer state, projections, compilation, capture
+        with autocast():
+            run(x, y)
     sync()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
-        run(x, y)
-    sync()
-    seconds = time.perf_counter() - start
-    return {"samples_per_s": steps * batch / seconds, "peak_bytes": peak(), "batch": batch}
+        start = time.perf_counter()
+        with autocast():
+            run(x, y)
+        sync()
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]  # the median step
+    return {"samples_per_s": batch / seconds, "step_ms": 1e3 * seconds, "peak_bytes": peak(), "batch": batch}
 
 
-def _ratio(value: int, reference: int) -> str:
-    """A memory ratio, or "–" when the reference is under 1 MiB (too small to compare on CPU)."""
-    return f"{value / reference:.2f}" if reference >= 2**20 else "–"
+def _ratio(value: float, reference: float, floor: float = 0.0) -> str:
+    return f"{value / reference:.2f}" if reference > floor else "–"
+
+
+def _versions(device: torch.device) -> str:
+    import lightning
+    import timm
+
+    cuda = f"CUDA {torch.version.cuda}, " if device.type == "cuda" else ""
+    return (
+        f"torch {torch.__version__}, {cuda}Lightning {lightning.__version__}, timm {timm.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small inputs and batches (CI on CPU)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--models", nargs="+", default=["cnn2", "convnet4", "adaptor"])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (median reported)")
+    parser.add_argument("--models", nargs="+", default=["cnn2", "convnet4", "adaptor", "rnn1"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--out", default=str(RESULTS / "gpu_check.md"))
     args = parser.parse_args()
     device = torch.device(args.device)
     steps = args.steps or (2 if args.quick else 20)
+    methods = [m for m in args.methods if device.type == "cuda" or not m.endswith("-graph")]
+    if "bp" not in methods:
+        methods.insert(0, "bp")
     rows, results = [], {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
-        for dtype in ("fp32", "bf16"):
-            bp = measure(name, "bp", dtype, device, args.quick, steps)
-            for method in ("tpsgd-ce", "tpsgd-ce-lean"):
-                r = measure(name, method, dtype, device, args.quick, steps)
-                results[f"{name}/{dtype}/{method}"] = r
-                rows.append(
-                    f"| {name} | {dtype} | {r['batch']} | {bp['samples_per_s']:.0f} | {r['samples_per_s']:.0f} | "
-                    f"{r['samples_per_s'] / bp['samples_per_s']:.2f}× | {bp['peak_bytes'] / 2**20:.0f} | "
-                    f"{r['peak_bytes'] / 2**20:.0f} | {_ratio(r['peak_bytes'], bp['peak_bytes'])} | {method} |"
-                )
-                print(rows[-1], flush=True)
-            results[f"{name}/{dtype}/bp"] = bp
+        for batch in _models(args.quick)[name][2]:
+            for dtype in args.precisions:
+                base = None
+                for method in methods:
+                    if name in ("adaptor", "rnn1") and "lean" in method:
+                        continue  # lean mode has nothing to save on these (no Linear/Conv + ReLU block to speak of)
+                    key = f"{name}/{dtype}/b{batch}/{method}"
+                    try:
+                        r = measure(name, method, dtype, batch, device, args.quick, steps)
+                    except Exception as err:  # noqa: BLE001 - a failing variant is reported, the others still run
+                        results[key] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                        rows.append(f"| {name} | {dtype} | {batch} | {method} | failed: {results[key]['error']} |||||")
+                        print(rows[-1], flush=True)
+                        continue
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    base = r if method == "bp" else base
+                    results[key] = r
+                    speed = _ratio(r["samples_per_s"], base["samples_per_s"]) if base else "–"
+                    memory = _ratio(r["peak_bytes"], base["peak_bytes"], 2**20) if base else "–"
+                    rows.append(
+                        f"| {name} | {dtype} | {batch} | {method} | {r['samples_per_s']:.0f} | {r['step_ms']:.2f} | "
+                        f"{speed}× | {r['peak_bytes'] / 2**20:.0f} | {memory} |"
+                    )
+                    print(rows[-1], flush=True)
+                    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    memory = "CUDA max_memory_allocated above the pre-step allocation" if device.type == "cuda" else "peak RSS increase"
+    memory_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS increase"
     lines = [
         f"# Device check on {device_name}",
         "",
-        f"Command: `python -m benchmarks.gpu_check {shlex.join(sys.argv[1:])}`; "
-        f"{steps} timed steps after 2 warm-up steps; peak memory = {memory}.",
+        f"Command: `python -m benchmarks.gpu_check {shlex.join(sys.argv[1:])}` ({_versions(device)}); "
+        f"median of {steps} timed steps after 5 warm-up steps; peak memory = {memory_kind} above the memory held "
+        "before the model's first step (warm-up, compilation and graph capture included). Ratios against `bp`, "
+        "the eager backpropagation step of the same model, batch and precision.",
         "",
-        "| model | precision | batch | BP samples/s | tpSGD samples/s | speed ratio | BP peak MB | tpSGD peak MB "
-        "| memory ratio | tpSGD mode |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | precision | batch | method | samples/s | step ms | speed vs bp | peak MiB | memory vs bp |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
 
 

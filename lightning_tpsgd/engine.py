@@ -212,6 +212,155 @@ def _tap_of(block: Block, target: str) -> nn.Module:
     return tap
 
 
+class _DeferredChecks:
+    """Validation (``validate=True``) that never stalls the device queue.
+
+    The labels are checked on the host at the first step only (so a wrong set-up fails at once, naming that
+    batch); a later out-of-range label fails in the indexing ops themselves, as under backpropagation. The local
+    losses are checked at the first step too, then each step adds them to a running sum per hidden block on the
+    device (NaN or inf stays NaN or inf), which the host reads without waiting: it starts an asynchronous copy
+    every ``every`` steps and reads it once the copy has landed (``poll``), and synchronously in :meth:`flush`
+    (start of an epoch, end of training).
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = int(every)
+        self.step = 0  # steps folded in so far
+        self._losses: dict[str, Tensor] = {}  # block name -> running float32 sum of its local loss
+        self._inflight: tuple[list[str], Tensor, Any, int] | None = None  # names, host copy, event, step
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether this step reads its checks at once (the first step)."""
+        return self.step == 0
+
+    def fold_loss(self, name: str, loss: Tensor) -> None:
+        total = self._losses.get(name)
+        if total is None:
+            self._losses[name] = loss.detach().float().clone()
+        else:
+            total.add_(loss.detach())
+
+    def end_step(self, read: bool) -> None:
+        """Count the step; with ``read``, start an asynchronous read every ``every`` steps."""
+        self.step += 1
+        if read and self.step % self.every == 0 and self._inflight is None and not _capturing():
+            names, values = self._snapshot()
+            if values is None:
+                return
+            if values.device.type == "cuda":
+                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                host.copy_(values, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = values.clone(), None
+            self._inflight = (names, host, event, self.step)
+
+    def poll(self) -> None:
+        """Raise if an asynchronous read that has landed found a problem; never waits for the device."""
+        if self._inflight is None or _capturing():
+            return
+        names, host, event, step = self._inflight
+        if event is not None and not event.query():
+            return
+        self._inflight = None
+        self._raise_if_bad(names, host.tolist(), f"by step {step}")
+
+    def flush(self) -> None:
+        """Read every check now (synchronises with the device)."""
+        self._inflight = None
+        names, values = self._snapshot()
+        if values is not None:
+            self._raise_if_bad(names, values.tolist(), f"by step {self.step}")
+
+    def _snapshot(self) -> tuple[list[str], Tensor | None]:
+        names = list(self._losses)
+        return names, (torch.stack([self._losses[n] for n in names]) if names else None)
+
+    @staticmethod
+    def _raise_if_bad(names: list[str], values: list[float], when: str) -> None:
+        for name, value in zip(names, values, strict=True):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"Local loss of block '{name}' is {value} ({when}). Lower the learning rate or target_scale, "
+                    "or check the inputs for NaN/inf."
+                )
+
+
+class _GraphedSteps:
+    """``LocalLearner(cuda_graph=True)``: whole training steps captured as CUDA graphs and replayed.
+
+    One graph per (input shape and dtype, layer-wise stage, autocast state), captured after ``warmup`` eager
+    steps on a side stream (optimizer state, projections and kernels are created there), all graphs sharing one
+    memory pool. A replay copies the batch into the graph's static input and runs forward, local updates, output
+    backward and optimizer step as one launch; the host then only does the validation bookkeeping.
+    """
+
+    warmup = 3
+
+    def __init__(self, learner: LocalLearner) -> None:
+        self.learner = learner
+        self._graphs: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any, list[str], Tensor]] = {}
+        self._eager_steps: dict[tuple[Any, ...], int] = {}
+        self._pool: Any = None
+        self._stream: Any = None  # one side stream for warm-up and capture (each stream gets its own workspaces)
+
+    def step(self, x: Any, y: Tensor) -> dict[str, Tensor]:
+        learner = self.learner
+        if not (isinstance(x, Tensor) and x.is_cuda and isinstance(y, Tensor) and y.is_cuda):
+            raise ValueError(
+                "cuda_graph=True captures the step on a CUDA device: x must be one CUDA tensor and y CUDA labels "
+                f"(got {type(x).__name__} on {getattr(x, 'device', '?')} and labels on {getattr(y, 'device', '?')}). "
+                "Move the model and the batches to the GPU, or use cuda_graph=False."
+            )
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, learner.stage, torch.is_autocast_enabled("cuda"))
+        entry = self._graphs.get(key)
+        if entry is None:
+            done = self._eager_steps.get(key, 0)
+            if done < self.warmup:
+                self._eager_steps[key] = done + 1
+                return self._on_side_stream(lambda: self._eager(x, y))
+            entry = self._capture(key, x, y)
+        static_x, static_y, graph, names, stacked = entry
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        learner._checks.end_step(read=learner.validate)
+        if learner.validate:
+            learner._checks.poll()
+        return dict(zip(names, stacked.clone().unbind(), strict=True))
+
+    def _eager(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        assert self.learner.optimizer is not None
+        self.learner.optimizer.zero_grad(set_to_none=True)
+        return self.learner._step(x, y)
+
+    def _on_side_stream(self, fn: Callable[[], Any]) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(self._stream)
+        return out
+
+    def _capture(self, key: tuple[Any, ...], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Any, list[str], Tensor]:
+        learner = self.learner
+        assert learner.optimizer is not None
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        static_x, static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        learner.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates .grad in the graph's pool
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            logs = learner._step(static_x, static_y)
+            stacked = torch.stack([v.float() for v in logs.values()])
+        entry = (static_x, static_y, graph, list(logs), stacked)
+        self._graphs[key] = entry
+        return entry
+
+
 class LocalLearner:
     """Train ``model`` without global backpropagation (tpSGD, DRTP, ℓ1/ℓ2 or any local loss).
 
@@ -245,7 +394,18 @@ class LocalLearner:
         output_layers: names of the layers trained by ``loss_fn`` (default: the last trainable layer).
         overrides: per-layer options, ``{"<layer name or fnmatch pattern>": {"rule": ..., "target": ...,
             "projection": ..., "target_scale": ...}}``.
-        validate: check labels and local losses every step (a small synchronisation cost).
+        validate: check the labels (first step) and the local losses. The loss checks run on the device and
+            are read without stalling it: at once on the first step, then every ``check_every`` steps as soon as
+            an asynchronous copy lands, and at :meth:`flush_checks` (the strategies call it at the start of every
+            epoch). After the first step a training step copies nothing from the device to the host, with or
+            without ``validate``.
+        check_every: how often (in steps) ``validate`` reads its device-side checks after the first step.
+        compile: fuse each block's closed-form local gradient (the rule's loss and gradient, its scale and the
+            (leaky) ReLU derivative) with ``torch.compile``: fewer kernel launches per block, one output-sized
+            buffer. Needs a working ``torch.compile`` (Triton on a GPU, a C++ compiler on the CPU).
+        cuda_graph: :meth:`step` only (the pure-PyTorch loop): capture the whole training step as a CUDA graph
+            per input shape and replay it (static shapes; the model and batches on one CUDA device; an optimizer
+            built with ``capturable=True`` where it has the option; under autocast, enter it around each step).
         lean: lean-memory mode for edge devices (not with a rule that learns its projection): projections are
             regenerated from their seed at every use instead of stored, and Linear/Conv blocks whose tap is
             their (leaky) ReLU or the layer itself build no autograd graph at all: their weight gradients are
@@ -279,7 +439,10 @@ class LocalLearner:
         output_layers: Sequence[str] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         validate: bool = True,
+        check_every: int = 50,
         lean: bool = False,
+        compile: bool = False,
+        cuda_graph: bool = False,
         grad_sync: GradSync | None = None,
     ) -> None:
         _check_choice("schedule", schedule, _SCHEDULES)
@@ -296,6 +459,12 @@ class LocalLearner:
         self.seed = int(seed)
         self.loss_fn = loss_fn
         self.validate = validate
+        if int(check_every) < 1:
+            raise ValueError(f"check_every must be a positive number of steps, got {check_every}.")
+        self._checks = _DeferredChecks(check_every)
+        self.compile = bool(compile)
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs = _GraphedSteps(self)
         self.grad_sync = grad_sync
         self.lean = bool(lean)
         self.hidden = [b for b in self.blocks if not b.is_output]
@@ -503,7 +672,14 @@ class LocalLearner:
         P = self._projection_of(block, h)
         if block.rule.closed_form and not block.rule.learns_projection:  # no autograd graph for the loss
             slope = _relu_slope(block.tap)
-            if slope is not None and z is not None and z.requires_grad and z.shape == h.shape and z.is_contiguous():
+            through_tap = slope is not None and z is not None and z.requires_grad and z.shape == h.shape
+            if self.compile:  # one fused kernel for loss, gradient, scale and activation derivative
+                with torch.no_grad():
+                    loss, g = _fused_local_grad(block.rule, h.detach(), self._labels, P, slope if through_tap else None)
+                grads = torch.autograd.grad(z if through_tap else h, block.params, g, allow_unused=True)
+                self._record(block, grads, loss)
+                return
+            if through_tap and z.is_contiguous():
                 # z (the activation's input) is not needed by the layer's backward, so its storage takes the
                 # gradient: supervising the block costs no buffer beyond its own activations.
                 with torch.no_grad():
@@ -589,11 +765,13 @@ class LocalLearner:
         self._record(block, grads, loss)
 
     def _record(self, block: Block, grads: Sequence[Tensor | None], loss: Tensor) -> None:
-        if self.validate and not bool(torch.isfinite(loss)):
-            raise FloatingPointError(
-                f"Local loss of block '{block.name}' is {loss.item()} (rule {block.rule!r}). Lower the learning "
-                "rate or target_scale, or check the inputs for NaN/inf."
-            )
+        if self.validate:
+            if self._checks.synchronous and not bool(torch.isfinite(loss)):
+                raise FloatingPointError(
+                    f"Local loss of block '{block.name}' is {loss.item()} (rule {block.rule!r}). Lower the "
+                    "learning rate or target_scale, or check the inputs for NaN/inf."
+                )
+            self._checks.fold_loss(block.name, loss)
         if self.grad_sync is not None:
             self.grad_sync.local(block, grads)
         previous = self._pending.get(block.index)
@@ -674,7 +852,11 @@ class LocalLearner:
         backward), because Lightning zeroes gradients between the training step and the backward.
         """
         if self.validate:
-            _check_labels(labels, self.num_classes)
+            if self._checks.synchronous:
+                _check_labels(labels, self.num_classes)
+            else:
+                _check_label_type(labels)
+                self._checks.poll()
         self._labels = labels.long() if labels.dtype != torch.long else labels
         self._losses = {}
         trained = self._stage_blocks()
@@ -683,6 +865,7 @@ class LocalLearner:
             block.layer.tpsgd_context = self._local_context(block)
         try:
             yield
+            self._checks.end_step(read=self.validate)
         finally:
             for block in local_modules:
                 block.layer.tpsgd_context = None
@@ -705,6 +888,11 @@ class LocalLearner:
         """Whether the current stage trains the output layer(s) with the model's loss."""
         return self._stage is None or self._stage == len(self.hidden)
 
+    def flush_checks(self) -> None:
+        """Read the device-side checks of ``validate=True`` now (one synchronisation); raise on a problem."""
+        if self.validate:
+            self._checks.flush()
+
     def local_losses(self) -> dict[str, Tensor]:
         """Detached local loss of each hidden block trained in the last forward, keyed by layer name."""
         return dict(self._losses)
@@ -726,7 +914,8 @@ class LocalLearner:
         for index, grads in self._pending.items():
             block = self.blocks[index]
             for p, g in zip(block.params, grads, strict=True):
-                if p.grad is not None and p.grad.any():
+                # checked on the first step (a skip connection is a property of the model, not of a batch)
+                if p.grad is not None and self._checks.step <= 1 and p.grad.any():
                     raise RuntimeError(
                         f"The model's loss back-propagated into hidden block '{block.name}'. Its forward must "
                         "not reuse tensors across blocks (skip connections); feed each block only the output "
@@ -736,28 +925,39 @@ class LocalLearner:
         self._pending.clear()
 
     # ------------------------------------------------------------------ pure-PyTorch training step
-    def step(self, x: Any, y: Tensor) -> dict[str, float]:
+    def step(self, x: Any, y: Tensor) -> dict[str, Tensor]:
         """One training step: local updates of the hidden blocks and the loss step of the output block.
 
+        With ``cuda_graph=True`` the whole step (forward, local updates, output backward, optimizer step) is
+        captured once per input shape and layer-wise stage, after a few eager warm-up steps, and replayed.
+
         Args:
-            x: the model input (anything ``model`` accepts).
+            x: the model input (anything ``model`` accepts; a tensor with ``cuda_graph=True``).
             y: (B,) integer labels.
 
         Returns:
-            ``{"<layer name>": local loss, ..., "loss": output loss}`` as floats (``"loss"`` is absent in a
-            layer-wise stage that trains a hidden block).
+            ``{"<layer name>": local loss, ..., "loss": output loss}`` as detached 0-dim tensors on the
+            model's device (``"loss"`` is absent in a layer-wise stage that trains a hidden block). Reading
+            one (``float(v)``) waits for the device; the step itself does not.
         """
         if self.optimizer is None:
-            self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
+            self.optimizer = _make_optimizer(self._optimizer_spec, self.model, capturable=self.cuda_graph)
             self.attach_optimizer(self.optimizer)
+        if self.cuda_graph:
+            return self._graphs.step(x, y)
         self.optimizer.zero_grad(set_to_none=True)
+        return self._step(x, y)
+
+    def _step(self, x: Any, y: Tensor) -> dict[str, Tensor]:
+        """The body of :meth:`step` after ``zero_grad`` (also what a CUDA graph captures)."""
+        assert self.optimizer is not None
         out = self.run(lambda: self.model(x), y)
-        logs = {k: float(v) for k, v in self._losses.items()}
+        logs = dict(self._losses)
         if out is not None and self.trains_output:
             loss = self.loss_fn(out, y)
             with cross_block_guard():
                 loss.backward()
-            logs["loss"] = float(loss.detach())
+            logs["loss"] = loss.detach()
         self.commit_grads()
         self.optimizer.step()
         return logs
@@ -802,6 +1002,33 @@ class LocalLearner:
         if "optimizer" in state:
             assert self.optimizer is not None
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _local_grad(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, slope: float | None) -> tuple[Tensor, Tensor]:
+    """``(loss, dloss/dz)``: the rule's closed-form gradient scaled, times the (leaky) ReLU's derivative when
+    ``slope`` is given (``z`` the activation's input, ``h`` its output), else ``dloss/dh``; one fresh buffer."""
+    loss, g, c = rule.projected_loss_and_grad(h, y, P)
+    if slope is not None:  # h > 0 exactly where z > 0
+        g = torch.where(h > 0, g, g * slope)
+    return loss, g * c
+
+
+_compiled_local_grad: Callable[..., tuple[Tensor, Tensor]] | None = None
+
+
+def _fused_local_grad(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, slope: float | None) -> tuple[Tensor, Tensor]:
+    """:func:`_local_grad` through ``torch.compile`` (``compile=True``): the rule's ops, the scale and the
+    activation derivative fused into a few kernels. Compiled once per rule kind and rank of ``h``; shapes are
+    dynamic after the first recompilation, so differently sized blocks share a kernel."""
+    global _compiled_local_grad
+    if _compiled_local_grad is None:
+        _compiled_local_grad = torch.compile(_local_grad, dynamic=None)
+    return _compiled_local_grad(rule, h, y, P, slope)
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no host reads then)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _relu_slope(activation: nn.Module | None) -> float | None:
@@ -890,18 +1117,41 @@ def _stage_epochs(schedule: str, epochs_per_layer: int | Sequence[int] | None, s
 
 
 def _make_optimizer(
-    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None, model: nn.Module
+    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None,
+    model: nn.Module,
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
     if optimizer is None:
-        return torch.optim.Adam(model.parameters(), lr=1e-3)
+        return torch.optim.Adam(model.parameters(), lr=1e-3, capturable=capturable)
     if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
-    if callable(optimizer):
-        return optimizer(model.parameters())
-    raise TypeError(f"optimizer must be a torch Optimizer, a factory params -> Optimizer, or None; got {optimizer!r}.")
+        made = optimizer
+    elif callable(optimizer):
+        made = optimizer(model.parameters())
+    else:
+        raise TypeError(
+            f"optimizer must be a torch Optimizer, a factory params -> Optimizer, or None; got {optimizer!r}."
+        )
+    if capturable and made.defaults.get("capturable") is False:
+        raise ValueError(
+            f"cuda_graph=True captures the optimizer step, but {type(made).__name__} was built with "
+            f"capturable=False. Build it with {type(made).__name__}(..., capturable=True)."
+        )
+    return made
 
 
 def _check_labels(labels: Any, num_classes: int) -> None:
+    _check_label_type(labels)
+    if labels.numel():
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"Labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]. "
+                "Set num_classes to the number of classes."
+            )
+
+
+def _check_label_type(labels: Any) -> None:
+    """Host-only checks of the labels (no synchronisation)."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"Labels must be a tensor of class indices, got {type(labels).__name__}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -911,8 +1161,3 @@ def _check_labels(labels: Any, num_classes: int) -> None:
         )
     if labels.ndim != 1:
         raise ValueError(f"Labels must have shape (B,), got {tuple(labels.shape)}.")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"Labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]. "
-            "Set num_classes to the number of classes."
-        )

@@ -43,7 +43,9 @@ def one_hot(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> 
         - y: (B,) integer
         - returns: (B, C)
     """
-    return F.one_hot(y.long(), num_classes).to(dtype)
+    y = y.long()
+    # scatter rather than F.one_hot, which reads the labels' range back to the host on the CPU
+    return torch.zeros((*y.shape, num_classes), dtype=dtype, device=y.device).scatter_(-1, y.unsqueeze(-1), 1)
 
 
 def project_targets(y: Tensor, P: Tensor, out: Tensor | None = None) -> Tensor:

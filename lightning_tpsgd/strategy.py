@@ -39,7 +39,9 @@ _LEARNER_OPTIONS = (
     "output_layers",
     "overrides",
     "validate",
+    "check_every",
     "lean",
+    "compile",
 )
 
 
@@ -53,6 +55,7 @@ class _LocalLearning:
         self.labels = options["labels"]
         self.log_local_losses = options["log_local_losses"]
         self.learner = None
+        self._checked_epoch = -1
         self._checkpoint_state: dict[str, Any] | None = None
         # Fail on bad options now, not at the first batch (a throw-away check on a tiny model).
         _validate_options(self.learner_kwargs)
@@ -78,6 +81,12 @@ class _LocalLearning:
         _check_schedule(trainer, self.learner)
 
     @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.learner is not None:
+            self.learner.flush_checks()
+
+    @override
     def teardown(self) -> None:
         if self.learner is not None:
             self.learner.close()
@@ -90,6 +99,9 @@ class _LocalLearning:
         learner = self.learner
         assert learner is not None, "the strategy's setup() was not called for fitting"
         trainer = self.lightning_module.trainer
+        if trainer.current_epoch != self._checked_epoch:  # read the device-side checks once per epoch
+            learner.flush_checks()
+            self._checked_epoch = trainer.current_epoch
         learner.set_epoch(trainer.current_epoch)
         batch = args[0] if args else kwargs["batch"]
         labels = _extract_labels(batch, self.labels, trainer.global_step)
@@ -157,10 +169,15 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
         output_layers: layers trained by the module's loss (default: the last trainable layer), or the
             LightningModule's ``tpsgd_output_layers`` attribute when it has one.
         overrides: per-layer options, e.g. ``{"net.0": {"rule": "l1", "target": "pre"}}``.
-        validate: check labels and local losses every step.
+        validate: check labels and local losses, on the device: read at once on the first step, then every
+            ``check_every`` steps without stalling the device, and at the start of every epoch. ``False``: a
+            training step copies nothing from the device to the host.
+        check_every: steps between two reads of the device-side checks.
         log_local_losses: log each block's local loss as ``tpsgd/<layer>/loss``.
         lean: lean-memory mode: projections regenerated from the seed, no graph and no output-sized
             buffers for Linear/Conv blocks with a (leaky) ReLU (see ``LocalLearner``).
+        compile: fuse each block's closed-form local gradient with ``torch.compile`` (fewer kernel launches;
+            needs Triton on a GPU or a C++ compiler on the CPU; the first batches pay the compilation).
         device: the device to train on (default: the one the Trainer's accelerator picks).
     """
 
@@ -181,8 +198,10 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
         output_layers: Sequence[str] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         validate: bool = True,
+        check_every: int = 50,
         log_local_losses: bool = True,
         lean: bool = False,
+        compile: bool = False,
         device: str | torch.device | None = None,
         **strategy_kwargs: Any,
     ) -> None:
@@ -246,8 +265,10 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
         output_layers: Sequence[str] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         validate: bool = True,
+        check_every: int = 50,
         log_local_losses: bool = True,
         lean: bool = False,
+        compile: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(**ddp_kwargs)

@@ -481,3 +481,126 @@ def test_lean_mode_restores_grad_mode_after_an_error():
     with pytest.raises(FloatingPointError):
         learner.step(x, y)
     assert torch.is_grad_enabled()
+
+
+# ---------------------------------------------------------------- no host synchronisation, fused kernels
+def _aten_counts(fn, steps=2):
+    """aten ops dispatched by ``fn()`` per call, by name (after two warm-up calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(), fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    counts: dict[str, float] = {}
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            counts[event.name] = counts.get(event.name, 0) + 1 / steps
+    return counts
+
+
+def _host_reads(counts):
+    return counts.get("aten::_local_scalar_dense", 0) + counts.get("aten::item", 0)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_a_steady_step_reads_nothing_from_the_device(validate):
+    """SGD reads no scalar either, so every host read would come from the engine; ``validate`` reads only every
+    ``check_every`` steps (here never inside the profiled steps)."""
+    learner = LocalLearner(cnn(), validate=validate, check_every=1000, optimizer=sgd())
+    x, y = batch()
+    assert _host_reads(_aten_counts(lambda: learner.step(x, y))) == 0
+
+
+def test_step_returns_device_tensors():
+    logs = LocalLearner(mlp(), optimizer=sgd()).step(*batch())
+    assert set(logs) == {"1", "3", "loss"} and all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in logs.values())
+
+
+def test_deferred_checks_catch_a_non_finite_loss_after_the_first_step():
+    learner = LocalLearner(mlp(), check_every=2, optimizer=sgd())
+    x, y = batch()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    learner.step(x, y)
+    learner.step(bad, y)  # not read yet: no stall on this step
+    with pytest.raises(FloatingPointError, match=r"Local loss of block '1' is nan \(by step 2\)"):
+        learner.step(x, y)  # the copy started after step 2 is read here
+    learner = LocalLearner(mlp(), check_every=100, optimizer=sgd())
+    learner.step(x, y)
+    learner.step(bad, y)
+    with pytest.raises(FloatingPointError, match="Local loss of block '1' is nan"):
+        learner.flush_checks()
+
+
+def test_validate_false_skips_the_checks():
+    learner = LocalLearner(mlp(), validate=False, optimizer=sgd())
+    x, y = batch()
+    learner.step(x, y)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    learner.step(bad, y)
+    learner.flush_checks()  # nothing was checked, nothing to raise
+
+
+def test_check_every_must_be_positive():
+    with pytest.raises(ValueError, match="check_every must be a positive number of steps"):
+        LocalLearner(mlp(), check_every=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["ce", "l2"])
+def test_compiled_local_gradient_matches_the_eager_one(rule):
+    """``compile=True`` fuses loss, gradient, scale and activation derivative; the gradients stay the same."""
+    grads = []
+    for compiled in (False, True):
+        model = cnn()
+        learner = LocalLearner(model, rule=rule, compile=compiled, optimizer=sgd(lr=0.0))
+        learner.step(*batch())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, fused in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_step_dispatches_no_more_ops_than_backprop():
+    """The CPU proxy for kernel launches: aten ops per training step, tpSGD (``compile=True``) vs backprop."""
+    from zoo import create_model
+
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    model = create_model("convnet4", num_classes=10, in_chans=3, input_size=32, channels=8)
+    bp_model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(bp_model.parameters(), lr=0.01)
+
+    def bp_step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(bp_model(x), y).backward()
+        optimizer.step()
+
+    learner = LocalLearner(model, compile=True, validate=False, optimizer=sgd(0.01))
+    ours = sum(_aten_counts(lambda: learner.step(x, y)).values())
+    theirs = sum(_aten_counts(bp_step).values())
+    assert ours <= 1.1 * theirs, (ours, theirs)
+
+
+def test_cuda_graph_needs_cuda_tensors_and_a_capturable_optimizer():
+    with pytest.raises(ValueError, match="capturable=True"):
+        LocalLearner(mlp(), cuda_graph=True, optimizer=lambda p: torch.optim.Adam(p, capturable=False)).step(*batch())
+    with pytest.raises(ValueError, match="cuda_graph=True captures the step on a CUDA device"):
+        LocalLearner(mlp(), cuda_graph=True).step(*batch())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_steps_match_eager_steps():
+    x, y = (t.cuda() for t in batch(n=16))
+    params = []
+    for graphed in (False, True):
+        model = cnn().cuda()
+        learner = LocalLearner(model, cuda_graph=graphed, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+        for _ in range(6):  # three warm-up steps, the capture, two replays
+            logs = learner.step(x, y)
+        params.append([p.detach().clone() for p in model.parameters()])
+        assert set(logs) == {"0", "4", "loss"}
+    for eager, replayed in zip(*params, strict=True):
+        torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-5)
