@@ -673,9 +673,17 @@ class LocalLearner:
         if block.rule.closed_form and not block.rule.learns_projection:  # no autograd graph for the loss
             slope = _relu_slope(block.tap)
             through_tap = slope is not None and z is not None and z.requires_grad and z.shape == h.shape
-            if self.compile:  # one fused kernel for loss, gradient, scale and activation derivative
+            if self.compile:  # a few fused kernels for loss, gradient, scale and activation derivative
+                into_z = through_tap and z.is_contiguous()  # z's storage takes the gradient, as below
                 with torch.no_grad():
-                    loss, g = _fused_local_grad(block.rule, h.detach(), self._labels, P, slope if through_tap else None)
+                    loss, g = _fused_local_grad(
+                        block.rule,
+                        h.detach(),
+                        self._labels,
+                        P,
+                        slope if through_tap else None,
+                        z.detach() if into_z else None,
+                    )
                 grads = torch.autograd.grad(z if through_tap else h, block.params, g, allow_unused=True)
                 self._record(block, grads, loss)
                 return
@@ -1004,26 +1012,34 @@ class LocalLearner:
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _local_grad(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, slope: float | None) -> tuple[Tensor, Tensor]:
+def _local_grad(
+    rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, slope: float | None, out: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """``(loss, dloss/dz)``: the rule's closed-form gradient scaled, times the (leaky) ReLU's derivative when
-    ``slope`` is given (``z`` the activation's input, ``h`` its output), else ``dloss/dh``; one fresh buffer."""
+    ``slope`` is given (``z`` the activation's input, ``h`` its output), else ``dloss/dh``; written into ``out``
+    when given (the compiler then stores the last fused kernel's result there: no output-sized buffer)."""
     loss, g, c = rule.projected_loss_and_grad(h, y, P)
     if slope is not None:  # h > 0 exactly where z > 0
         g = torch.where(h > 0, g, g * slope)
-    return loss, g * c
+    g = g * c
+    if out is None:
+        return loss, g
+    return loss, out.copy_(g)
 
 
 _compiled_local_grad: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
-def _fused_local_grad(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, slope: float | None) -> tuple[Tensor, Tensor]:
+def _fused_local_grad(
+    rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, slope: float | None, out: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """:func:`_local_grad` through ``torch.compile`` (``compile=True``): the rule's ops, the scale and the
     activation derivative fused into a few kernels. Compiled once per rule kind and rank of ``h``; shapes are
     dynamic after the first recompilation, so differently sized blocks share a kernel."""
     global _compiled_local_grad
     if _compiled_local_grad is None:
         _compiled_local_grad = torch.compile(_local_grad, dynamic=None)
-    return _compiled_local_grad(rule, h, y, P, slope)
+    return _compiled_local_grad(rule, h, y, P, slope, out)
 
 
 def _capturing() -> bool:

@@ -277,3 +277,27 @@ def test_learned_projections_train_with_the_module_optimizer_and_resume_exactly(
     resumed, _ = run(ckpt_path=tmp_path / "last.ckpt")
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_compile_option_trains_like_the_eager_strategy():
+    """``compile=True`` changes how the local gradients are computed, not what they are."""
+    models = []
+    for compiled in (False, True):
+        model = Net()
+        trainer(strategy=TPSGDStrategy(compile=compiled), max_epochs=1, max_steps=3).fit(model, loader())
+        models.append(model)
+    for eager, fused in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_a_nan_local_loss_after_the_first_step_is_reported_by_the_next_epoch():
+    class Diverging(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if self.global_step == 1:
+                x = torch.full_like(x, float("nan"))
+            return super().training_step((x, y), batch_idx)
+
+    with pytest.raises(FloatingPointError, match="Local loss of block 'net.0' is nan"):
+        trainer(strategy=TPSGDStrategy(check_every=1000), max_epochs=2).fit(Diverging(), loader())
