@@ -377,8 +377,10 @@ class LocalLearner:
             :class:`LocalRule`, or any callable ``loss(output, target) -> scalar``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
-        conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"`` (the dense
-            ``projection`` over the whole ``K·H·W`` map), or any projection name.
+        conv_projection: projection for Conv blocks: ``"filter"`` (default; the paper's filter-based
+            sampling, filter k drawn from N(0, (k/K)²)), ``"naive"`` (the dense kind given by ``projection``,
+            over the whole ``K·H·W`` map), or one dense kind over that map regardless of ``projection``:
+            ``"uniform"``, ``"normal"``, ``"binary"``, ``"orthogonal"``.
         target: compare the target with the block output after (``"post"``) or before (``"pre"``) its
             activation.
         target_scale: RMS of the dense targets (a multiplier for ``"filter"``); ignored by ``"ce"``. The
@@ -455,6 +457,7 @@ class LocalLearner:
         self.num_classes = num_classes if num_classes is not None else _infer_num_classes(self.blocks)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}.")
+        _check_num_classes(self.blocks, self.num_classes)
         self.schedule = schedule
         self.seed = int(seed)
         self.loss_fn = loss_fn
@@ -853,15 +856,19 @@ class LocalLearner:
         )
 
     @contextmanager
-    def local_training(self, labels: Tensor) -> Iterator[None]:
+    def local_training(self, labels: Tensor, batch: int | str | None = None) -> Iterator[None]:
         """Within this context, a forward pass of the model trains every hidden block locally.
 
         The local gradients wait in the learner until :meth:`commit_grads` (after the output loss's
         backward), because Lightning zeroes gradients between the training step and the backward.
+
+        Args:
+            labels: (B,) integer labels of the batch.
+            batch: the batch's index (or a description such as ``"3 of epoch 1"``), named in label errors.
         """
         if self.validate:
             if self._checks.synchronous:
-                _check_labels(labels, self.num_classes)
+                _check_labels(labels, self.num_classes, batch)
             else:
                 _check_label_type(labels)
                 self._checks.poll()
@@ -874,6 +881,10 @@ class LocalLearner:
         try:
             yield
             self._checks.end_step(read=self.validate)
+        except (IndexError, RuntimeError) as err:  # labels past the first step are not read: explain them here
+            if self.validate:
+                _explain_bad_labels(labels, self.num_classes, batch, err)
+            raise
         finally:
             for block in local_modules:
                 block.layer.tpsgd_context = None
@@ -883,10 +894,10 @@ class LocalLearner:
                 self._grad_mode.clear()
             self._stash.clear()
 
-    def run(self, forward: Callable[[], Any], labels: Tensor) -> Any:
+    def run(self, forward: Callable[[], Any], labels: Tensor, batch: int | str | None = None) -> Any:
         """Call ``forward()`` inside :meth:`local_training`; returns ``None`` if a layer-wise stage stopped it."""
         try:
-            with self.local_training(labels):
+            with self.local_training(labels, batch):
                 return forward()
         except StopForward:
             return None
@@ -1155,15 +1166,52 @@ def _make_optimizer(
     return made
 
 
-def _check_labels(labels: Any, num_classes: int) -> None:
+def _check_num_classes(blocks: list[Block], num_classes: int) -> None:
+    """An output layer with fewer outputs than ``num_classes`` could never predict the classes beyond them."""
+    for block in blocks:
+        n = getattr(block.layer, "out_features", None) or getattr(block.layer, "out_channels", None)
+        if block.is_output and isinstance(n, int) and n < num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} but the output layer '{block.name}' ({type(block.layer).__name__}) has "
+                f"{n} outputs, so classes {n}..{num_classes - 1} could never be predicted. Leave num_classes unset "
+                f"(it is then {n}, from the output layer) or set it to the number of classes in the data, and give "
+                "the output layer one output per class."
+            )
+
+
+def _check_labels(labels: Any, num_classes: int, batch: int | str | None = None) -> None:
     _check_label_type(labels)
     if labels.numel():
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"Labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]. "
-                "Set num_classes to the number of classes."
-            )
+            raise _label_range_error(lo, hi, num_classes, batch)
+
+
+def _explain_bad_labels(labels: Tensor, num_classes: int, batch: int | str | None, err: BaseException) -> None:
+    """After an indexing error in a step whose labels were not range-checked: raise the named error if they are
+    out of range (reads the labels only on this error path; does nothing if they cannot be read)."""
+    try:
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist()) if labels.numel() else (0, 0)
+    except Exception:  # e.g. a CUDA context broken by a device-side assert
+        return
+    if lo < 0 or hi >= num_classes:
+        raise _label_range_error(lo, hi, num_classes, batch) from err
+
+
+def _label_range_error(lo: int, hi: int, num_classes: int, batch: int | str | None) -> ValueError:
+    which = "this batch" if batch is None else f"batch {batch}"
+    message = (
+        f"Labels must lie in [0, {num_classes}) (num_classes={num_classes}), but those of {which} lie in "
+        f"[{lo}, {hi}]. If the labels are wrong, fix them in the data (class indices 0..{num_classes - 1}: "
+        "shift 1-based labels, drop -1 'unlabelled' entries) or point the strategy at the element of the batch "
+        "that holds them (TPSGDStrategy(labels=...))."
+    )
+    if hi >= num_classes:
+        message += (
+            f" If the data really has {hi + 1} or more classes, give the model's output layer one output per "
+            "class and set num_classes to match (or leave it unset: it is taken from the output layer)."
+        )
+    return ValueError(message)
 
 
 def _check_label_type(labels: Any) -> None:

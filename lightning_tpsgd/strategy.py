@@ -8,6 +8,8 @@ module's own optimizer, which then takes one step per batch.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
@@ -26,6 +29,18 @@ __all__ = ["TPSGDStrategy", "TPSGDDDPStrategy", "LabelSpec"]
 
 LabelSpec = int | str | Callable[[Any], Tensor] | None
 _CHECKPOINT_KEY = "tpsgd"
+# What torch.load raises on an empty, truncated or foreign file: EOFError for an empty one, RuntimeError from its zip
+# reader (OSError when Lightning reads through fsspec), UnpicklingError/KeyError from the unpickler.
+_CORRUPT_CHECKPOINT_ERRORS = (
+    EOFError,
+    RuntimeError,
+    KeyError,
+    ValueError,
+    OSError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+_ACCESS_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError)  # their messages name the path already
 _LEARNER_OPTIONS = (
     "rule",
     "projection",
@@ -105,11 +120,12 @@ class _LocalLearning:
         learner.set_epoch(trainer.current_epoch)
         batch = args[0] if args else kwargs["batch"]
         labels = _extract_labels(batch, self.labels, trainer.global_step)
-        output = learner.run(lambda: super(_LocalLearning, self).training_step(*args, **kwargs), labels)
+        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", trainer.global_step)
+        where = f"{batch_idx} of epoch {trainer.current_epoch}"
+        output = learner.run(lambda: super(_LocalLearning, self).training_step(*args, **kwargs), labels, where)
         losses = learner.local_losses()
         if self.log_local_losses:
-            for name, value in losses.items():
-                self.lightning_module.log(f"tpsgd/{name}/loss", value, batch_size=labels.shape[0])
+            _log_local_losses(self.lightning_module, losses, labels.shape[0])
         if output is None:  # a layer-wise stage training a hidden block: the output layer is not computed
             total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=labels.device)
             return total.detach().requires_grad_()  # a leaf for Lightning's backward; carries no gradient
@@ -135,7 +151,12 @@ class _LocalLearning:
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except _CORRUPT_CHECKPOINT_ERRORS as err:
+            if isinstance(err, _ACCESS_ERRORS):
+                raise
+            raise _checkpoint_error(checkpoint_path, err) from err
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is not None:
             if self.learner is not None:
@@ -155,13 +176,16 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
             a callable ``loss(output, target)``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
-        conv_projection: ``"filter"`` (paper's filter-based sampling) or ``"naive"``.
+        conv_projection: projection for Conv blocks, over their whole ``(K, H, W)`` output: ``"filter"``
+            (default; the paper's filter-based sampling, filter k drawn from N(0, (k/K)²)), ``"naive"`` (the
+            dense kind given by ``projection``), or one dense kind regardless of ``projection``:
+            ``"uniform"``, ``"normal"``, ``"binary"``, ``"orthogonal"``.
         target: compare targets after (``"post"``) or before (``"pre"``) the block's activation.
         target_scale: RMS of the targets (multiplier for ``"filter"``); ignored by ``"ce"``.
         schedule: ``"simultaneous"`` or ``"layerwise"``.
         epochs_per_layer: layer-wise only: epochs per stage (one per hidden block, then one for the output
-            layer). ``max_epochs`` must leave the output stage at least one epoch; epochs beyond the
-            schedule keep training the output layer.
+            layer). Epochs beyond the schedule keep training the output layer; a ``max_epochs`` that ends
+            before the last stages fits only the first ones, with a warning naming the stages that will not run.
         seed: seeds the projections.
         num_classes: default: the output layer's ``out_features``.
         labels: where the labels are in a batch: ``None`` (``batch[1]``, or a dict's ``"label"`` /
@@ -173,7 +197,8 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
             ``check_every`` steps without stalling the device, and at the start of every epoch. ``False``: a
             training step copies nothing from the device to the host.
         check_every: steps between two reads of the device-side checks.
-        log_local_losses: log each block's local loss as ``tpsgd/<layer>/loss``.
+        log_local_losses: log each block's local loss as ``tpsgd/<layer>/loss`` (to the loggers) and their
+            mean as ``tpsgd/loss`` (to the loggers and the progress bar).
         lean: lean-memory mode: projections regenerated from the seed, no graph and no output-sized
             buffers for Linear/Conv blocks with a (leaky) ReLU (see ``LocalLearner``).
         compile: fuse each block's closed-form local gradient with ``torch.compile`` (fewer kernel launches;
@@ -367,15 +392,45 @@ def _check_trainer(trainer: Any) -> None:
 
 
 def _check_schedule(trainer: Any, learner: LocalLearner) -> None:
+    """Warn when ``max_epochs`` ends the layer-wise schedule before its last stages (fitting only the first ones)."""
     if learner.schedule != "layerwise" or trainer.max_epochs in (None, -1):
         return
-    needed = sum(learner.epochs_per_layer[:-1]) + 1
-    if trainer.max_epochs < needed:
-        raise ValueError(
-            f"The layer-wise schedule trains {learner.num_stages} stages with epochs_per_layer="
-            f"{learner.epochs_per_layer}, so the output layer starts at epoch {needed - 1}, but "
-            f"Trainer(max_epochs={trainer.max_epochs}) stops before. Set max_epochs={sum(learner.epochs_per_layer)}."
-        )
+    starts = [sum(learner.epochs_per_layer[:k]) for k in range(learner.num_stages)]
+    skipped = [k for k, start in enumerate(starts) if start >= trainer.max_epochs]
+    if not skipped:
+        return
+    stages = []
+    for k in skipped:
+        names = [learner.hidden[k].name] if k < len(learner.hidden) else [b.name for b in learner.blocks if b.is_output]
+        kind = "hidden layer" if k < len(learner.hidden) else "output layer" + ("s" if len(names) > 1 else "")
+        stages.append(f"stage {k} ({kind} {', '.join(map(repr, names))}, from epoch {starts[k]})")
+    rank_zero_warn(
+        f"Trainer(max_epochs={trainer.max_epochs}) ends the layer-wise schedule (epochs_per_layer="
+        f"{learner.epochs_per_layer}) early: {'; '.join(stages)} will not run, so those layers keep their current "
+        f"weights. Set max_epochs={sum(learner.epochs_per_layer)} to run every stage.",
+        category=UserWarning,
+    )
+
+
+def _log_local_losses(module: Any, losses: Mapping[str, Tensor], batch_size: int) -> None:
+    """Log each local loss as ``tpsgd/<layer>/loss`` (loggers only), their mean as ``tpsgd/loss`` (and on the bar)."""
+    for name, value in losses.items():
+        module.log(f"tpsgd/{name}/loss", value, batch_size=batch_size)
+    if losses:
+        mean = torch.stack([v.float() for v in losses.values()]).mean()
+        module.log("tpsgd/loss", mean, prog_bar=True, batch_size=batch_size)
+
+
+def _checkpoint_error(path: Any, err: BaseException) -> RuntimeError:
+    """A corrupted-checkpoint error that names the file, torch's reason and what to do."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else "the file ended before any data"
+    fix = "Resume from another checkpoint (an earlier epoch's, or last.ckpt), or start without ckpt_path"
+    if "Weights only load failed" in str(err):
+        fix += "; if it is a checkpoint you trust that holds custom objects, pass trainer.fit(..., weights_only=False)"
+    return RuntimeError(
+        f"Could not read the checkpoint {str(path)!r} ({type(err).__name__}: {reason}). The file is empty, truncated "
+        f"(an interrupted save or copy) or not a checkpoint saved by Lightning. {fix}."
+    )
 
 
 def _loss_scale(precision_plugin: Any) -> float | Tensor | None:

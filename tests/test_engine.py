@@ -364,6 +364,33 @@ def test_bad_labels(labels, error, match):
         learner.step(batch()[0], labels)
 
 
+def test_out_of_range_labels_name_the_batch_and_only_the_fixes_that_apply():
+    learner = LocalLearner(mlp())
+    with pytest.raises(ValueError) as info:
+        learner.run(lambda: None, torch.tensor([0, 3, 11]), batch=7)
+    message = str(info.value)
+    assert "those of batch 7 lie in [0, 11]" in message and "fix them in the data" in message
+    assert "12 or more classes" in message and "set num_classes to match" in message
+    with pytest.raises(ValueError) as info:  # -1 is never a class: only the labels can be wrong
+        learner.step(batch()[0], torch.tensor([-1, 0, 1, 2, 3, 4, 5, 6]))
+    assert "those of this batch lie in [-1, 6]" in str(info.value) and "or more classes" not in str(info.value)
+
+
+def test_out_of_range_labels_after_the_first_step_are_still_named():
+    """Only the first step reads the labels (no host synchronisation later); a later bad batch fails in the
+    indexing ops, and that error is turned into the named one."""
+    learner = LocalLearner(mlp(), optimizer=sgd())
+    x, y = batch()
+    learner.step(x, y)
+    with pytest.raises(ValueError, match=r"those of this batch lie in \[0, 10\].*11 or more classes") as info:
+        learner.step(x, torch.tensor([0, 1, 2, 3, 4, 5, 6, 10]))
+    assert isinstance(info.value.__cause__, (IndexError, RuntimeError))
+
+
+def test_num_classes_below_the_output_size_is_allowed():
+    assert LocalLearner(mlp(), num_classes=5).num_classes == 5  # e.g. a 10-output head on 5-class data
+
+
 def test_non_finite_local_loss_names_the_block():
     learner = LocalLearner(mlp())
     x, y = batch()
@@ -381,6 +408,10 @@ def test_non_finite_local_loss_names_the_block():
         ({"conv_projection": "fancy"}, "Invalid conv_projection 'fancy'"),
         ({"target_scale": 0.0}, "target_scale of block '1' must be positive"),
         ({"num_classes": 1}, "num_classes must be at least 2"),
+        (
+            {"num_classes": 20},
+            r"num_classes=20 but the output layer '6' \(Linear\) has 10 outputs.*Leave num_classes unset",
+        ),
     ],
 )
 def test_bad_options(kwargs, match):

@@ -126,9 +126,25 @@ def test_layerwise_schedule_under_the_trainer():
     assert {"tpsgd/net.0/loss"} <= set(t.callback_metrics) and "train_loss" not in t.callback_metrics
 
 
-def test_layerwise_max_epochs_too_small():
-    with pytest.raises(ValueError, match="Set max_epochs=6"):
-        trainer(strategy=TPSGDStrategy(schedule="layerwise", epochs_per_layer=2), max_epochs=4).fit(Net(), loader())
+def test_layerwise_max_epochs_too_small_fits_the_first_stages_with_a_warning():
+    model = Net()
+    snapshot = {n: p.clone() for n, p in model.named_parameters()}
+    strategy = TPSGDStrategy(schedule="layerwise", epochs_per_layer=1)
+    with pytest.warns(UserWarning) as record:
+        trainer(strategy=strategy, max_epochs=1).fit(model, loader())
+    messages = [str(w.message) for w in record if "layer-wise schedule" in str(w.message)]
+    assert len(messages) == 1
+    assert "stage 1 (hidden layer 'net.3', from epoch 1); stage 2 (output layer 'net.5', from epoch 2)" in messages[0]
+    assert "will not run" in messages[0] and "Set max_epochs=3" in messages[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, snapshot[n])}
+    assert changed == {"net.0.weight", "net.0.bias"}  # stage 0 ran; the later stages did not
+
+
+def test_layerwise_full_schedule_does_not_warn(recwarn):
+    trainer(strategy=TPSGDStrategy(schedule="layerwise", epochs_per_layer=1), max_epochs=3, max_steps=2).fit(
+        Net(), loader()
+    )
+    assert not [w for w in recwarn if "layer-wise schedule" in str(w.message)]
 
 
 def test_layerwise_resume_mid_schedule_is_exact(tmp_path):
@@ -175,6 +191,43 @@ def test_labels_from_dict_batches_and_custom_keys():
     trainer(strategy=TPSGDStrategy(labels="target"), max_steps=2).fit(DictNet(), DataLoader(DictData("target"), 8))
     with pytest.raises(ValueError, match=r"no 'label' or 'labels'.*TPSGDStrategy\(labels='<key>'\)"):
         trainer(strategy="tpsgd", max_steps=2).fit(DictNet(), DataLoader(DictData("target"), 8))
+
+
+def test_out_of_range_labels_name_the_batch_and_both_fixes():
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    y[20] = 12  # in the third batch of 8
+    with pytest.raises(ValueError) as info:
+        trainer(strategy="tpsgd", max_epochs=1).fit(Net(), DataLoader(TensorDataset(x, y), 8))
+    message = str(info.value)
+    assert "batch 2 of epoch 0 lie in [" in message and ", 12]" in message and "num_classes=10" in message
+    assert "fix them in the data" in message and "TPSGDStrategy(labels=...)" in message  # the labels are wrong
+    assert "13 or more classes" in message and "set num_classes to match" in message  # or the model is too small
+
+
+def test_num_classes_beyond_the_output_layer_is_an_error():
+    with pytest.raises(ValueError, match=r"num_classes=20 but the output layer 'net.5' \(Linear\) has 10 outputs"):
+        trainer(strategy=TPSGDStrategy(num_classes=20), max_steps=1).fit(Net(), loader())
+
+
+def test_progress_bar_shows_the_mean_local_loss_and_loggers_the_per_layer_ones():
+    t = trainer(strategy="tpsgd", max_epochs=1)
+    t.fit(Net(), loader())
+    assert "tpsgd/loss" in t.progress_bar_metrics
+    assert not [k for k in t.progress_bar_metrics if k.startswith("tpsgd/net.")]
+    per_layer = [t.logged_metrics[k] for k in ("tpsgd/net.0/loss", "tpsgd/net.3/loss")]
+    torch.testing.assert_close(t.logged_metrics["tpsgd/loss"], torch.stack(per_layer).mean())
+
+
+@pytest.mark.parametrize("content", ["empty", "truncated", "text"])
+def test_corrupted_checkpoint_names_the_path_and_the_fix(tmp_path, content):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(strategy="tpsgd", max_steps=1, enable_checkpointing=True, callbacks=[ckpt]).fit(Net(), loader())
+    good = (tmp_path / "last.ckpt").read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "text": b"not a checkpoint\n"}[content])
+    with pytest.raises(RuntimeError, match="Could not read the checkpoint") as info:
+        trainer(strategy="tpsgd", max_steps=2).fit(Net(), loader(), ckpt_path=bad)
+    assert str(bad) in str(info.value) and "Resume from another checkpoint" in str(info.value)
 
 
 def test_float_labels_are_rejected_with_the_fix():
