@@ -72,7 +72,9 @@ class FeatureCache:
     EfficientNet-Lite0 at 112 px in float32, 274 MB for all of Imagenette). With ``directory`` the features
     live in files there and each batch reads only its own rows back (one positioned read per sample), so the
     process holds none of them; the operating system's page cache keeps recently read rows (reclaimable
-    memory, not the process's). Use a folder on a disk (a ``tmpfs`` such as ``/dev/shm`` is RAM).
+    memory, not the process's). Use a folder on a disk (a ``tmpfs`` such as ``/dev/shm`` is RAM). If storing
+    a batch fails midway (a full disk, an interrupt), its rows and any scratch file created for it are removed
+    at once; the cache keeps what it held before.
 
     Args:
         directory: ``None`` keeps the features in memory; a folder stores them in scratch files there
@@ -185,14 +187,30 @@ class FeatureCache:
         return [(int(a), int(b), shape) for a, b in fingerprint(x).cpu().tolist()]
 
     def _append(self, keys: list[tuple], feats: Sequence[Tensor]) -> None:
+        """Store ``feats`` under ``keys``, all or nothing: if storing fails midway (a full disk, an interrupt),
+        the rows and the scratch files added by this call are dropped at once and the error is re-raised."""
         got = [tuple(f.shape[1:]) for f in feats]
-        if not self._shapes:
-            self._shapes = got
-        if got != self._shapes:
+        if self._shapes and got != self._shapes:
             raise ValueError(
                 f"The backbone returned features of shapes {got} but the cache holds {self._shapes}: the input size "
                 "changed between batches. Feed one image size per cache, or pass cache_features=False."
             )
+        size, chunks, files, shapes = self._size, len(self._chunks), len(self._files), self._shapes
+        try:
+            self._shapes = got
+            self._append_rows(keys, feats)
+        except BaseException:
+            for key in keys:
+                if self._index.get(key, -1) >= size:
+                    del self._index[key]
+            del self._chunks[chunks:]
+            new_files = self._files[files:]
+            del self._files[files:]
+            _remove_files(new_files)
+            self._size, self._shapes = size, shapes
+            raise
+
+    def _append_rows(self, keys: list[tuple], feats: Sequence[Tensor]) -> None:
         done = 0
         while done < len(keys):
             c, off = divmod(self._size, self.chunk_rows)
@@ -215,7 +233,11 @@ class FeatureCache:
             return torch.empty(shape, dtype=self.dtype)
         fd, name = tempfile.mkstemp(prefix=f"features-{uuid.uuid4().hex[:8]}-", suffix=".bin", dir=self.directory)
         os.close(fd)
-        store = _FileRows(Path(name), shape, self.dtype)
+        try:
+            store = _FileRows(Path(name), shape, self.dtype)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
         self._files.append(store)
         return store
 

@@ -387,8 +387,14 @@ def _build_frozen_backbone(
 
 
 def _last_trainable(module: nn.Module, prefix: str) -> str:
-    blocks = find_blocks(module)
-    return f"{prefix}.{blocks[-1].name}"
+    """Qualified name of the last trainable layer of ``module``, registered in its parent as ``prefix``."""
+    root = parent = nn.Module()  # nest the module under its own name, so that errors name e.g. 'adaptors.0.1'
+    *path, name = prefix.split(".")
+    for part in path:
+        parent.add_module(part, nn.Module())
+        parent = parent.get_submodule(part)
+    parent.add_module(name, module)
+    return find_blocks(root)[-1].name
 
 
 # ---------------------------------------------------------------------------------------------- the LightningModule
@@ -431,7 +437,10 @@ class TimmAdaptor(L.LightningModule):
             whole batch). The adaptors still train on the whole batch; only the backbone's activation memory
             shrinks (EfficientNet-Lite0 at 112 px: about 250 MB at 64 samples, a quarter of it at 16).
         img_size: square input size used to size the adaptors (default: the backbone's pretrained size).
-            Train and evaluate at this size.
+            Train and evaluate at this size: the adaptors' layers are sized for the tap feature maps of an
+            ``img_size`` image, so a batch whose tap features have other shapes (e.g. 112 px images for an
+            adaptor built at 224) raises a ``ValueError`` naming ``img_size``, before any feature is cached.
+            Resize the images (:func:`backbone_transform` does) or build the adaptor at their size.
         adaptor_kwargs: options of the paper adaptor: ``filters`` (64), ``kernel_size`` (5), ``hidden`` (256),
             ``negative_slope`` (0.01), ``padding`` (``"auto"``: same padding only for maps under the kernel
             size, ``"same"``, ``"valid"``).
@@ -535,6 +544,7 @@ class TimmAdaptor(L.LightningModule):
         self.backbone.eval()
         self.taps = tuple(self.backbone.taps)
         shapes = self._tap_shapes()
+        self._feature_shapes = shapes  # per-sample feature shapes the adaptors are sized for (see extract)
         self.combine = combine
         self.adaptors = nn.ModuleList()
         self.head: nn.Module | None = head
@@ -597,8 +607,9 @@ class TimmAdaptor(L.LightningModule):
                     out = module(torch.zeros(2, *shape))
                     if out.ndim != 2:
                         raise ValueError(
-                            f"With combine='concat' adaptor {i} must return features (B, F); it returns "
-                            f"{tuple(out.shape)}. Flatten its output."
+                            f"With combine='concat' adaptor 'adaptors.{i}' ({type(module).__name__}, on tap "
+                            f"{self.taps[i]}) must return features (B, F); it returns {tuple(out.shape)}. "
+                            "Flatten its output."
                         )
                     widths.append(out.shape[1])
             self.head = nn.Linear(sum(widths), num_classes)
@@ -666,16 +677,35 @@ class TimmAdaptor(L.LightningModule):
         With ``extract_batch_size`` set, the backbone runs on slices of at most that many samples and the
         features are concatenated.
 
+        Raises:
+            ValueError: the features do not have the shapes the adaptors were sized for (an image size other
+                than ``img_size``).
+
         Shape:
-            - x: (B, 3, H, W)
+            - x: (B, 3, H, W), H = W = ``img_size``
             - returns: one (B, K_i, H_i, W_i) tensor per tap, or [(B, F)]
         """
         step = self.extract_batch_size
         with torch.no_grad():
             if step is None or x.shape[0] <= step:
-                return self.backbone(x)
-            parts = [self.backbone(x[i : i + step]) for i in range(0, x.shape[0], step)]
+                return self._check_features(x, self.backbone(x))
+            parts = [self._check_features(x, self.backbone(x[:step]))]
+            parts += [self.backbone(x[i : i + step]) for i in range(step, x.shape[0], step)]
             return [torch.cat(feats) for feats in zip(*parts, strict=True)]
+
+    def _check_features(self, x: Tensor, feats: list[Tensor]) -> list[Tensor]:
+        """``feats`` if they have the per-sample shapes the adaptors were built for; otherwise name ``img_size``."""
+        got = [tuple(f.shape[1:]) for f in feats]
+        if got != self._feature_shapes:
+            h, w = x.shape[-2], x.shape[-1]
+            fix = f"or build the adaptor with img_size={h}" if h == w else "(the adaptor takes square images)"
+            raise ValueError(
+                f"TimmAdaptor was built for img_size={self.img_size}: its adaptors are sized for the tap features "
+                f"{self._feature_shapes} of a {self.img_size}x{self.img_size} image, but this batch of {h}x{w} "
+                f"images gives {got}. Resize the images to {self.img_size}x{self.img_size} "
+                f"(zoo.backbone_transform(model) does), {fix}."
+            )
+        return feats
 
     def _logits(self, feats: Sequence[Tensor]) -> Tensor:
         if not self.adaptors:  # transfer baseline

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import lightning_tpsgd  # noqa: F401  (registers strategy="tpsgd")
 from lightning_tpsgd import TPSGDStrategy, find_blocks
 from zoo import FeatureCache, TimmAdaptor, backbone_data_config, backbone_transform, export_onnx
-from zoo._cache import fingerprint
+from zoo._cache import _FileRows, fingerprint
 from zoo._weights import PACKAGE_WEIGHTS, efficientnet_lite0_to_timm, read_state_dict
 from zoo.adaptor import WeightsUnavailableError, create_backbone, paper_adaptor
 
@@ -157,6 +157,50 @@ def test_bad_arguments(kwargs, error, match):
         _adaptor(**kwargs)
 
 
+@pytest.mark.parametrize("extract_batch_size", [None, 2])
+@pytest.mark.parametrize("size", [16, 64])
+def test_other_image_sizes_raise_naming_img_size_and_cache_nothing(size, extract_batch_size, tmp_path):
+    module = _adaptor(
+        taps=(2,), cache_features=True, feature_cache_dir=str(tmp_path), extract_batch_size=extract_batch_size
+    )
+    x = torch.randn(3, 3, size, size)
+    match = rf"built for img_size={SIZE}.*batch of {size}x{size} images.*Resize the images to {SIZE}x{SIZE}.*img_size={size}"
+    with pytest.raises(ValueError, match=match):
+        module(x)
+    with pytest.raises(ValueError, match=match):  # the cached training path fails the same way...
+        module.training_step((x, torch.zeros(3, dtype=torch.long)), 0)
+    assert len(module.feature_cache) == 0 and not list(tmp_path.glob("features-*.bin"))  # ...and stores nothing
+    assert module(torch.randn(2, 3, SIZE, SIZE)).shape == (2, C)
+
+
+def test_non_square_images_name_img_size():
+    with pytest.raises(ValueError, match=r"img_size=32.*48x32 images.*takes square images"):
+        _adaptor(taps=(2,))(torch.randn(2, 3, 48, 32))
+
+
+def test_transfer_baseline_pools_any_image_size():
+    assert _adaptor(adaptor="transfer")(torch.randn(2, 3, 2 * SIZE, 2 * SIZE)).shape == (2, C)
+
+
+class _Scaled(nn.Module):
+    """A custom adaptor with a stray trainable parameter, which no local rule can train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, C))
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+def test_adaptor_errors_name_qualified_module_names():
+    with pytest.raises(TypeError, match="Parameter 'adaptors.0.scale' is trainable"):
+        _adaptor(adaptor=_Scaled()).tpsgd_output_layers
+    with pytest.raises(ValueError, match=r"adaptor 'adaptors.0' \(Identity, on tap 2\) must return features"):
+        _adaptor(taps=(2,), adaptor=nn.Identity(), combine="concat")
+
+
 def test_bad_backbones():
     with pytest.raises(ValueError, match="Unknown timm model 'test_efficientnett'.*Did you mean 'test_efficientnet'"):
         TimmAdaptor("test_efficientnett", num_classes=C)
@@ -249,6 +293,31 @@ def test_extract_batch_size_slices_the_backbone_only():
     assert calls == [3, 3, 2]
     with pytest.raises(ValueError, match="extract_batch_size must be None or an int >= 1"):
         _adaptor(extract_batch_size=0)
+
+
+def test_cache_failure_midway_removes_its_files_at_once(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path, chunk_rows=4)
+    x = torch.randn(10, 3, 4, 4)
+    cache.get(x[:2], lambda x: [x.flatten(1)])
+    kept = set(tmp_path.glob("features-*.bin"))
+    assert len(kept) == 1
+    writes = []
+
+    def failing_write(self, start, rows):  # the disk fills up while the batch straddles new chunks
+        writes.append(start)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, start, rows)
+
+    original = _FileRows.write
+    monkeypatch.setattr(_FileRows, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        cache.get(x, lambda x: [x.flatten(1)])
+    assert set(tmp_path.glob("features-*.bin")) == kept  # the new chunk's partial file is gone
+    assert len(cache) == 2 and len(cache._chunks) == 1
+    monkeypatch.setattr(_FileRows, "write", original)
+    feats = cache.get(x, lambda x: [x.flatten(1)])  # the cache still works, and serves the right rows
+    assert torch.equal(feats[0], x.flatten(1)) and len(cache) == 10 and cache.hits == 2
 
 
 def test_disk_cache_holds_no_features_in_memory(tmp_path):
