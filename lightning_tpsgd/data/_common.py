@@ -1,11 +1,15 @@
 """Helpers shared by the in-memory data modules: data-dir resolution, the decoded-array cache, loaders."""
 
 import hashlib
+import lzma
 import os
 import shutil
 import uuid
 import warnings
 import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +26,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 """Arrays every dataset ``.npz`` archive must hold."""
 
 _FAST_ZIP_CODECS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+# What numpy/zipfile raise on a truncated, corrupted or foreign file (no path in their messages).
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError)
 _CACHE_DONE_MARKER = "COMPLETE"
 
 
@@ -67,11 +73,36 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return base / "lightning_tpsgd"
 
 
+@contextmanager
+def npz_read_errors(path: str | os.PathLike, keys: tuple[str, ...] = NPZ_KEYS) -> Iterator[None]:
+    """Turn numpy's and zipfile's errors on an unreadable ``.npz`` (``BadZipFile``, ...) into one naming the file.
+
+    Raises:
+        ValueError: the file is truncated, corrupted or not a ``.npz`` archive; the message says what to do.
+    """
+    try:
+        yield
+    except _NPZ_READ_ERRORS as err:
+        raise ValueError(
+            f"{path} is not a readable .npz archive ({type(err).__name__}: {err or 'unexpected end of file'}). It is "
+            "truncated (an interrupted download or copy), corrupted, or not a NumPy .npz file. Copy or write it "
+            f"again (np.savez / np.savez_compressed with the arrays {list(keys)}), or point data_dir at a good copy."
+        ) from err
+
+
 def npz_needs_cache(path: Path) -> bool:
     """Whether the ``.npz`` archive uses a slow codec (LZMA, bzip2) and is worth caching as ``.npy``.
 
     Deflate (``np.savez_compressed``) and stored members decode quickly and are read directly.
+
+    Raises:
+        ValueError: ``path`` is not a readable ``.npz`` archive (truncated, corrupted, another format).
     """
+    with npz_read_errors(path):
+        return _slow_codec(path)
+
+
+def _slow_codec(path: Path) -> bool:
     with zipfile.ZipFile(path) as zf:
         return any(info.compress_type not in _FAST_ZIP_CODECS for info in zf.infolist())
 
@@ -88,7 +119,7 @@ def npz_cache_path(path: Path, cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
+    with npz_read_errors(path, keys), np.load(path, allow_pickle=False) as npz:
         missing = [k for k in keys if k not in npz.files]
         if missing:
             raise ValueError(
@@ -117,9 +148,15 @@ def load_npz_arrays(
 
     Returns:
         A dict from name to array (the cached ones are read-only memory maps).
+
+    Raises:
+        ValueError: ``path`` is not a readable ``.npz`` archive (truncated, corrupted, another format), or it
+            lacks one of ``keys``; the message names the file and what to do.
     """
     path = Path(path)
-    if not npz_needs_cache(path):
+    with npz_read_errors(path, keys):
+        needs_cache = _slow_codec(path)
+    if not needs_cache:
         return _read_npz(path, keys)
 
     target = npz_cache_path(path, cache_dir)

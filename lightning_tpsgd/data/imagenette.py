@@ -21,7 +21,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tpsgd.data._common import DATA_DIR_ENV, DatasetUnavailableError, make_loader, resolve_data_dir
+from lightning_tpsgd.data._common import (
+    DATA_DIR_ENV,
+    DatasetUnavailableError,
+    make_loader,
+    npz_read_errors,
+    resolve_data_dir,
+)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImagenetteDataModule"]
 
@@ -318,14 +324,16 @@ class ImagenetteDataModule(L.LightningDataModule):
 
     def _load_npz(self, path: Path) -> dict[str, Any]:
         stream = self.decode == "stream"
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in _NPZ_KEYS if k not in npz.files]
-            if missing:
-                raise ValueError(
-                    f"{path} is missing the array(s) {missing}; it holds {sorted(npz.files)}. Expected JPEG bytes with "
-                    f"offsets and labels: {list(_NPZ_KEYS)}."
-                )
-            arrays = {k: _NpzBytes(path, k) if stream and k.endswith("_jpeg") else npz[k] for k in _NPZ_KEYS}
+        with npz_read_errors(path, _NPZ_KEYS):
+            zipfile.ZipFile(path).close()  # a truncated or foreign file fails here, with its path
+            with np.load(path, allow_pickle=False) as npz:
+                missing = [k for k in _NPZ_KEYS if k not in npz.files]
+                if missing:
+                    raise ValueError(
+                        f"{path} is missing the array(s) {missing}; it holds {sorted(npz.files)}. Expected JPEG bytes "
+                        f"with offsets and labels: {list(_NPZ_KEYS)}."
+                    )
+                arrays = {k: _NpzBytes(path, k) if stream and k.endswith("_jpeg") else npz[k] for k in _NPZ_KEYS}
         for split in ("train", "test"):
             n = len(arrays[f"x_{split}_offsets"]) - 1
             if arrays[f"y_{split}"].shape != (n,):

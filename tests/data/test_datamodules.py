@@ -15,6 +15,7 @@ from lightning_tpsgd.data import (
     DatasetUnavailableError,
     DigitsDataModule,
     MNISTDataModule,
+    load_npz_arrays,
     resolve_data_dir,
 )
 
@@ -241,6 +242,35 @@ def test_npz_missing_arrays_is_a_clear_error(tmp_path):
     np.savez(tmp_path / "mnist.npz", images=np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(ValueError, match="x_train"):
         MNISTDataModule(source="npz", data_dir=str(tmp_path)).setup()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_npz", "empty", "corrupt_lzma_member"])
+@pytest.mark.parametrize("entry", ["datamodule", "prepare_data", "load_npz_arrays"])
+def test_unreadable_npz_names_the_path_and_the_fix(tmp_path, damage, entry):
+    path = tmp_path / "mnist.npz"
+    if damage == "corrupt_lzma_member":  # intact zip directory, garbled LZMA data inside a member
+        _write_lzma_npz(path, _mnist_arrays())
+        raw = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("x_train.npy")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 20
+        raw[start : start + 200] = bytes(200)
+        path.write_bytes(bytes(raw))
+    else:
+        np.savez(path, **_mnist_arrays())
+        good = path.read_bytes()
+        path.write_bytes({"truncated": good[: len(good) // 2], "not_npz": b"x,y\n1,2\n", "empty": b""}[damage])
+    with pytest.raises(ValueError) as info:
+        if entry == "datamodule":
+            MNISTDataModule(source="npz", data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")).setup()
+        elif entry == "prepare_data":
+            MNISTDataModule(source="npz", data_dir=str(path), cache_dir=str(tmp_path / "cache")).prepare_data()
+        else:
+            load_npz_arrays(path, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert f"{path} is not a readable .npz archive" in message
+    assert "truncated" in message and "Copy or write it again" in message and "x_train" in message
+    assert not list(tmp_path.glob("cache/**/*.npy"))  # nothing half-decoded was cached
 
 
 # ---------------------------------------------------------------------------------------------- hf

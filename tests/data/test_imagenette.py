@@ -164,6 +164,14 @@ def test_wrong_npz_layout(tmp_path):
         _dm(path).setup()
 
 
+@pytest.mark.parametrize("decode", ["lazy", "stream"])
+def test_truncated_npz_names_the_path(npz, decode):
+    path = npz[0]
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"{path} is not a readable .npz archive.*truncated.*Copy or write it again"):
+        _dm(path, decode=decode).setup()
+
+
 @pytest.mark.shared_data
 @pytest.mark.skipif(not SHARED_NPZ.is_file(), reason="needs ../shared/data/imagenette_112_jpeg.npz")
 def test_real_imagenette():
