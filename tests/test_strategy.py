@@ -1,3 +1,7 @@
+import inspect
+import re
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lightning_tpsgd
 from lightning_tpsgd import TPSGDStrategy
+from lightning_tpsgd.projections import list_projections
 
 
 class Net(L.LightningModule):
@@ -354,3 +359,16 @@ def test_a_nan_local_loss_after_the_first_step_is_reported_by_the_next_epoch():
 
     with pytest.raises(FloatingPointError, match="Local loss of block 'net.0' is nan"):
         trainer(strategy=TPSGDStrategy(check_every=1000), max_epochs=2).fit(Diverging(), loader())
+
+
+def test_readme_options_table_documents_every_option_and_conv_projection():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Options", 1)[1].split("\n\n**", 1)[0]
+    rows = {m.group(1): line for line in section.splitlines() if (m := re.match(r"\| `(\w+)` \|", line))}
+    options = set(inspect.signature(TPSGDStrategy).parameters) - {"device", "strategy_kwargs"}
+    assert options <= set(rows), sorted(options - set(rows))
+    conv_names = ["naive", *list_projections()]
+    assert len(conv_names) == 6
+    for name in conv_names:
+        assert f'"{name}"' in rows["conv_projection"], name
+        assert f'``"{name}"``' in TPSGDStrategy.__doc__.split("conv_projection:", 1)[1].split("target:", 1)[0], name
