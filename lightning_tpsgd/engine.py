@@ -370,7 +370,8 @@ class LocalLearner:
 
     Args:
         model: the network; its leaf modules must be registered in the order they are called.
-        num_classes: C; default: ``out_features`` of the (first) output layer.
+        num_classes: C; default: ``out_features`` of the (first) output layer. More classes than an output
+            layer has outputs is an error (those classes could never be predicted).
         rule: ``"ce"`` (default: cross-entropy over cosine similarities to the class targets, scale-free),
             ``"learned"`` (cross-entropy of a linear readout initialised from ``P`` and trained with the block;
             see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a

@@ -187,7 +187,8 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
             layer). Epochs beyond the schedule keep training the output layer; a ``max_epochs`` that ends
             before the last stages fits only the first ones, with a warning naming the stages that will not run.
         seed: seeds the projections.
-        num_classes: default: the output layer's ``out_features``.
+        num_classes: default: the output layer's ``out_features``; more than the output layer's outputs is an
+            error.
         labels: where the labels are in a batch: ``None`` (``batch[1]``, or a dict's ``"label"`` /
             ``"labels"``), an index, a key, or a callable ``batch -> labels``.
         output_layers: layers trained by the module's loss (default: the last trainable layer), or the
