@@ -429,8 +429,8 @@ def _checkpoint_error(path: Any, err: BaseException) -> RuntimeError:
     if "Weights only load failed" in str(err):
         fix += "; if it is a checkpoint you trust that holds custom objects, pass trainer.fit(..., weights_only=False)"
     return RuntimeError(
-        f"Could not read the checkpoint {str(path)!r} ({type(err).__name__}: {reason}). The file is empty, truncated "
-        f"(an interrupted save or copy) or not a checkpoint saved by Lightning. {fix}."
+        f"Could not read the checkpoint {str(path)!r} ({type(err).__name__}: {reason}). torch gives this error for a "
+        f"file that is empty, truncated (an interrupted save or copy) or not a checkpoint saved by Lightning. {fix}."
     )
 
 

@@ -82,17 +82,18 @@ def _features(
     layers: list[nn.Module] = []
     channels, size = in_chans, input_size
     for i, item in enumerate(cfg):
+        index = len(layers)  # the module's name in the model (nn.Sequential), as overrides and logs show it
         if item == "M":
             layers.append(nn.MaxPool2d(pool))
             size //= pool
-            what = f"max-pool {i} (kernel {pool})"
+            what = f"max-pool {i} (layer '{index}', kernel {pool})"
         else:
             layers.append(nn.Conv2d(channels, int(item), kernel_size, stride=1, padding=padding))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(int(item)))
             layers.append(act_layer())
             channels, size = int(item), size + 2 * padding - kernel_size + 1
-            what = f"conv {i} (kernel {kernel_size}, padding {padding})"
+            what = f"conv {i} (layer '{index}', kernel {kernel_size}, padding {padding})"
         if size < 1:
             raise ValueError(
                 f"{model}: input_size={input_size} is too small; {what} leaves a feature map of {size} "

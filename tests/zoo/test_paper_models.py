@@ -192,7 +192,7 @@ def test_vgg11_structure():
 
 # (model, kwargs, exception type, message regex), in the style of torch's ErrorOptimizerInput.
 BAD_INPUTS = [
-    ("cnn2", dict(input_size=8), ValueError, r"input_size=8 is too small; conv 1"),
+    ("cnn2", dict(input_size=8), ValueError, r"input_size=8 is too small; conv 1 \(layer '2', kernel 5"),
     ("cnn2", dict(pool=0), ValueError, r"pool must be >= 1, got 0"),
     ("cnn2", dict(filtres=3), TypeError, r"Invalid arguments for model 'cnn2'.*accepts: num_classes"),
     ("convgrid", dict(), TypeError, r"Invalid arguments for model 'convgrid'.*n_conv"),
@@ -202,7 +202,7 @@ BAD_INPUTS = [
     ("mlp", dict(hidden=(8, 0)), ValueError, r"hidden\[1\] must be >= 1, got 0"),
     ("mlp2", dict(num_classes=0), ValueError, r"num_classes must be >= 1"),
     ("convnet4", dict(channels=2.5), TypeError, r"channels must be an int, got float"),
-    ("vgg11", dict(input_size=16), ValueError, r"input_size=16 is too small; max-pool"),
+    ("vgg11", dict(input_size=16), ValueError, r"input_size=16 is too small; max-pool 12 \(layer '20', kernel 2\)"),
     ("vgg11", dict(act="gelu"), ValueError, r"Unknown activation act='gelu'. Valid names: leaky_relu, relu"),
     ("vgg11", dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
     ("vgg11", dict(width=0), ValueError, r"width must be a positive number, got 0"),
