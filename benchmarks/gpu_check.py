@@ -12,6 +12,10 @@ recurrent layer). Methods, each on the same model, batch and precision:
   ``tpsgd-compile-graph``: both;
 - ``tpsgd-lean`` / ``tpsgd-lean-graph``: lean-memory mode, eager and captured.
 
+With ``--lightning`` it also times ``Trainer.fit`` of ``zoo.ImageClassifier("convnet4")`` under
+``strategy="auto"`` (backprop), ``TPSGDStrategy()`` and ``TPSGDStrategy(compile=True)``, the way a user runs it
+(Lightning's loop, logging and optimizer step included; no CUDA graph there).
+
 On CUDA it reports ``torch.cuda.max_memory_allocated`` above the memory held before the measured steps; on
 CPU (a smaller, slower run that CI exercises; graph methods are skipped there) the peak RSS increase. A
 method that fails is reported with its error instead of stopping the run.
@@ -192,6 +196,55 @@ def measure(name: str, method: str, dtype: str, batch: int, device: torch.device
     return {"samples_per_s": batch / seconds, "step_ms": 1e3 * seconds, "peak_bytes": peak(), "batch": batch}
 
 
+def lightning_fit(strategy: str, precision: str, device: torch.device, quick: bool, steps: int) -> dict:
+    """Median seconds per training step of ``Trainer.fit`` (after warm-up steps), as a user runs it."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_tpsgd import TPSGDStrategy
+    from zoo import ImageClassifier
+
+    size, batch = (32, 16) if quick else (64, 128)
+    warmup = 5
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if trainer.global_step > warmup:
+                times.append(time.perf_counter() - self.start)
+
+    torch.manual_seed(0)
+    data = TensorDataset(
+        torch.randn((warmup + steps) * batch, 3, size, size), torch.randint(0, 10, ((warmup + steps) * batch,))
+    )
+    model = ImageClassifier(
+        "convnet4", num_classes=10, model_kwargs={"in_chans": 3, "input_size": size, "channels": 32}
+    )
+    chosen: Any = {"bp": "auto", "tpsgd": TPSGDStrategy(), "tpsgd-compile": TPSGDStrategy(compile=True)}[strategy]
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        strategy=chosen,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+    )
+    trainer.fit(model, DataLoader(data, batch_size=batch, pin_memory=device.type == "cuda"))
+    seconds = sorted(times)[len(times) // 2]
+    return {"samples_per_s": batch / seconds, "step_ms": 1e3 * seconds, "batch": batch}
+
+
 def _ratio(value: float, reference: float, floor: float = 0.0) -> str:
     return f"{value / reference:.2f}" if reference > floor else "–"
 
@@ -215,6 +268,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["cnn2", "convnet4", "adaptor", "rnn1"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--lightning", action="store_true", help="also time Trainer.fit with each strategy")
     parser.add_argument("--out", default=str(RESULTS / "gpu_check.md"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -253,6 +307,23 @@ def main() -> None:
                     )
                     print(rows[-1], flush=True)
                     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    fit_rows = []
+    if args.lightning:
+        for dtype in args.precisions:
+            base = None
+            for strategy in ("bp", "tpsgd", "tpsgd-compile"):
+                key = f"lightning/convnet4/{dtype}/{strategy}"
+                try:
+                    r = lightning_fit(strategy, dtype, device, args.quick, steps)
+                except Exception as err:  # noqa: BLE001 - reported in the table
+                    results[key] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                    fit_rows.append(f"| {dtype} | {strategy} | failed: {results[key]['error']} |||")
+                    continue
+                base = r if strategy == "bp" else base
+                results[key] = r
+                speed = _ratio(r["samples_per_s"], base["samples_per_s"]) if base else "–"
+                fit_rows.append(f"| {dtype} | {strategy} | {r['samples_per_s']:.0f} | {r['step_ms']:.2f} | {speed}× |")
+                print(fit_rows[-1], flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     memory_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS increase"
     lines = [
@@ -268,6 +339,20 @@ def main() -> None:
         *rows,
         "",
     ]
+    if fit_rows:
+        lines += [
+            "## `Trainer.fit` (Lightning's loop), convnet4",
+            "",
+            '`zoo.ImageClassifier("convnet4")` (32 channels, Adam), batch '
+            f"{results.get('lightning/convnet4/fp32/bp', {}).get('batch', '–')}, "
+            '`precision="32-true"` or `"bf16-mixed"`; median step time from `on_train_batch_start` to '
+            "`on_train_batch_end` after 5 warm-up steps.",
+            "",
+            "| precision | strategy | samples/s | step ms | speed vs bp |",
+            "|---|---|---|---|---|",
+            *fit_rows,
+            "",
+        ]
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
