@@ -1,23 +1,30 @@
 """The tpSGD engine: split a model into blocks, give each hidden block a projected target, train it locally.
 
-Reading order for newcomers: :func:`find_blocks` (what a block is) → :meth:`LocalLearner._make_tap_hook`
-and :meth:`LocalLearner._local_update` (projection → local loss → local gradient, then detach) →
+Reading order for newcomers: :func:`find_blocks` (what a block is) → :meth:`LocalLearner._finish_trace`
+(blocks from the first training batch, in call order) → :meth:`LocalLearner._make_boundary_hook` and
+:meth:`LocalLearner._local_update` (projection → local loss → local gradient, then detach) →
 :meth:`LocalLearner.commit_grads` (hand the local gradients to the optimizer) → :meth:`LocalLearner.step`
 (a whole training step in pure PyTorch).
 
 A *block* is a trainable layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or a
-:class:`~lightning_tpsgd.nn.LocalModule`) with the modules registered after it up to the next trainable
-layer: activations, norms (their parameters belong to the block), pooling, dropout, flatten. The *tap*
-of a block is where its output is compared with its target: after the activation (``target="post"``)
-or before it (``target="pre"``). A forward hook on the tap computes the local gradient at once, frees
-the block's graph, and returns the output detached, so nothing back-propagates from one block into
-another. The last trainable layer (the *output* block) is trained by the model's own loss.
+:class:`~lightning_tpsgd.nn.LocalModule`) with the modules *called* after it up to the next trainable
+layer: activations, norms (their parameters belong to the block), pooling, dropout, flatten, and any
+functional code in ``forward`` (``F.relu``). The learner traces the first training batch and builds the
+blocks in call order, so the order in which modules are registered does not matter. The *tap* of a
+block is where its output is compared with its target: after the activation (``target="post"``: the
+activation module, or, for a functional activation, the input the next trainable layer receives) or
+before it (``target="pre"``). When the next trainable layer is called, a forward pre-hook computes the
+block's local gradient, frees its graph, and hands the layer its input detached, so nothing
+back-propagates from one block into another. The last trainable layer called (the *output* block) is
+trained by the model's own loss. What cannot be made local (a layer called twice, a skip connection
+across blocks) is an error on the first batch.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -83,12 +90,15 @@ class Block:
         name: qualified name of the trainable layer (``"features.0"``), used in logs and overrides.
         layer: the trainable layer.
         followers: ``(name, module)`` pairs registered after the layer within the block.
-        tap: the module whose output is compared with the target.
+        tap: the module whose output is compared with the target; ``None``: the input the next trainable
+            layer receives (a block whose activation is a function call such as ``F.relu``).
         params: the block's trainable parameters (layer and norms), in order.
         is_output: trained by the model's own loss instead of a projected target.
         rule / projection / target / target_scale: the local learning configuration (hidden blocks).
         local_projection: the projection kind a ``LocalModule`` block was given by the overrides (it builds
             its own projections, so ``projection`` stays ``None``).
+        functional_activation: the traced forward applies an activation function (``F.relu``, ``torch.tanh``)
+            between the layer and the next trainable layer, outside any activation module.
     """
 
     index: int
@@ -103,46 +113,45 @@ class Block:
     target: str = "post"
     target_scale: float = 1.0
     local_projection: str | None = None
+    functional_activation: bool = False
 
     @property
     def is_local_module(self) -> bool:
         return isinstance(self.layer, LocalModule)
 
 
-def find_blocks(model: nn.Module, output_layers: Sequence[str] | None = None) -> list[Block]:
-    """Split ``model`` into blocks, in registration order (see the module docstring).
+def find_blocks(model: nn.Module, output_layers: Sequence[str] | None = None, *, strict: bool = True) -> list[Block]:
+    """Split ``model`` into blocks, in *registration* order (see the module docstring).
+
+    This is the static view, available before any data has gone through the model. A
+    :class:`LocalLearner` starts from it and replaces it at the first training batch with the blocks in
+    *call* order (:meth:`LocalLearner._finish_trace`); both agree for an ``nn.Sequential`` and for modules
+    registered in the order they are called.
 
     Args:
         model: the network. Frozen modules (no parameter with ``requires_grad``) pass through untouched.
         output_layers: names of the layers trained by the model's own loss; default: the last
             trainable layer.
+        strict: raise on a norm registered before any trainable layer. ``False`` (the learner's provisional
+            view) leaves such a norm unplaced: the trace of the first batch places it.
 
     Raises:
         TypeError: a module with trainable parameters the engine cannot train locally.
         ValueError: no trainable layer, an unknown output layer, or a norm the engine cannot place.
     """
     blocks: list[Block] = []
+    unplaced: list[nn.Module] = []  # lenient mode: norms registered before any trainable layer
     pending: list[tuple[str, nn.Module]] = []  # frozen / parameter-free modules before the first block
     for name, module in _leaf_modules(model):
         if _is_trainable_layer(module):
             blocks.append(Block(index=len(blocks), name=name, layer=module))
             continue
         if _has_trainable(module):
-            if isinstance(module, _TORCH_RECURRENT):
-                raise TypeError(
-                    f"Module '{name}' ({type(module).__name__}) cannot be trained by a projected target: "
-                    "torch's recurrent layers need backpropagation through time. Use "
-                    "lightning_tpsgd.nn.RNN, which implements the paper's locally trained recurrent cell, "
-                    f"or freeze it with model.{name}.requires_grad_(False)."
-                )
-            if not isinstance(module, _NORM_LAYERS):
-                raise TypeError(
-                    f"Module '{name}' ({type(module).__name__}) has trainable parameters but is not a "
-                    f"supported layer ({', '.join(t.__name__ for t in TRAINABLE_LAYERS)}, LocalModule, or a "
-                    "norm after one of them). Freeze it with requires_grad_(False), replace it, or wrap it "
-                    "in a lightning_tpsgd.nn.LocalModule that defines its own local update."
-                )
+            _check_supported(name, module)
             if not blocks:
+                if not strict:
+                    unplaced.append(module)
+                    continue
                 raise ValueError(
                     f"Norm layer '{name}' ({type(module).__name__}) comes before any trainable layer, so no "
                     "local target can train it. Freeze it with requires_grad_(False) or move it after a layer."
@@ -160,10 +169,32 @@ def find_blocks(model: nn.Module, output_layers: Sequence[str] | None = None) ->
             raise ValueError(f"output layer {out!r} is not a trainable layer of the model. Trainable layers: {names}.")
     for block in blocks:
         block.is_output = block.name in outputs
-        block.params = [p for p in block.layer.parameters() if p.requires_grad]
-        block.params += [p for _, m in block.followers for p in m.parameters() if p.requires_grad]
-    _check_direct_parameters(model, blocks)
+        _set_block_params(block)
+    _check_direct_parameters(model, blocks, extra=[p for m in unplaced for p in m.parameters()])
     return blocks
+
+
+def _check_supported(name: str, module: nn.Module) -> None:
+    """Reject a module with trainable parameters that is neither a trainable layer nor a norm."""
+    if isinstance(module, _TORCH_RECURRENT):
+        raise TypeError(
+            f"Module '{name}' ({type(module).__name__}) cannot be trained by a projected target: "
+            "torch's recurrent layers need backpropagation through time. Use "
+            "lightning_tpsgd.nn.RNN, which implements the paper's locally trained recurrent cell, "
+            f"or freeze it with model.{name}.requires_grad_(False)."
+        )
+    if not isinstance(module, _NORM_LAYERS):
+        raise TypeError(
+            f"Module '{name}' ({type(module).__name__}) has trainable parameters but is not a "
+            f"supported layer ({', '.join(t.__name__ for t in TRAINABLE_LAYERS)}, LocalModule, or a "
+            "norm after one of them). Freeze it with requires_grad_(False), replace it, or wrap it "
+            "in a lightning_tpsgd.nn.LocalModule that defines its own local update."
+        )
+
+
+def _set_block_params(block: Block) -> None:
+    block.params = [p for p in block.layer.parameters() if p.requires_grad]
+    block.params += [p for _, m in block.followers for p in m.parameters() if p.requires_grad]
 
 
 def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -180,8 +211,8 @@ def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             stack.append((f"{name}.{child_name}" if name else child_name, child))
 
 
-def _check_direct_parameters(model: nn.Module, blocks: list[Block]) -> None:
-    owned = {id(p) for b in blocks for p in b.params}
+def _check_direct_parameters(model: nn.Module, blocks: list[Block], extra: Sequence[Tensor] = ()) -> None:
+    owned = {id(p) for b in blocks for p in b.params} | {id(p) for p in extra}
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in owned:
             raise TypeError(
@@ -190,20 +221,33 @@ def _check_direct_parameters(model: nn.Module, blocks: list[Block]) -> None:
             )
 
 
-def _tap_of(block: Block, target: str) -> nn.Module:
-    """The module whose output is the block output ``h`` that meets the target.
+def _tap_of(block: Block, target: str, strict: bool = True) -> nn.Module | None:
+    """The module whose output is the block output ``h`` that meets the target (``None``: the next layer's input).
 
-    ``"post"``: the last activation or norm in the run of such modules right after the layer;
-    ``"pre"``: the same run, stopping before the first activation.
+    ``"post"``: the first activation module called after the layer, extended over the activations and norms
+    called right after it; with no activation module, the input of the next trainable layer if the forward
+    applies an activation function on the way (``F.relu``), else as for ``"pre"``. ``"pre"``: the last of the
+    norms called right after the layer, or the layer itself.
     """
-    tap, tap_pos = block.layer, -1
-    for pos, (_, module) in enumerate(block.followers):
-        if (_is_activation(module) and target == "post") or isinstance(module, _NORM_LAYERS):
-            tap, tap_pos = module, pos
-        else:
-            break
-    for name, module in block.followers[tap_pos + 1 :]:
-        if _has_trainable(module):  # it would receive no gradient: refuse rather than leave it untrained
+    followers = block.followers
+
+    def extend(pos: int, also: Callable[[nn.Module], bool]) -> int:
+        while pos + 1 < len(followers) and (
+            isinstance(followers[pos + 1][1], _NORM_LAYERS) or also(followers[pos + 1][1])
+        ):
+            pos += 1
+        return pos
+
+    first = next((pos for pos, (_, m) in enumerate(followers) if _is_activation(m)), None)
+    if target == "post" and first is not None:
+        tap_pos = extend(first, _is_activation)
+    elif target == "post" and block.functional_activation:
+        return None  # every follower (norms included) runs before the tap
+    else:
+        tap_pos = extend(-1, lambda m: False)
+    tap = block.layer if tap_pos < 0 else followers[tap_pos][1]
+    for name, module in followers[tap_pos + 1 :]:
+        if strict and _has_trainable(module):  # it would receive no gradient: refuse rather than leave it untrained
             raise ValueError(
                 f"Norm layer '{name}' in block '{block.name}' comes after the point where the target is "
                 f"compared (target={target!r}), so nothing would train it. Move it right after "
@@ -454,11 +498,16 @@ class LocalLearner:
         _check_choice("projection", projection, [p for p in valid_projections if p != "filter"])
         _check_choice("conv_projection", conv_projection, ["naive", *valid_projections])
         self.model = model
-        self.blocks = find_blocks(model, output_layers)
+        self._output_layers = list(output_layers) if output_layers else None
+        # provisional blocks in registration order; the first training batch replaces them (_finish_trace)
+        self.blocks = find_blocks(model, output_layers, strict=False)
+        self._num_classes_given = num_classes is not None
         self.num_classes = num_classes if num_classes is not None else _infer_num_classes(self.blocks)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}.")
-        _check_num_classes(self.blocks, self.num_classes)
+        if self._output_layers:  # otherwise the output layer is the last one called: checked at the first batch
+            _check_num_classes(self.blocks, self.num_classes)
+        self._batch: int | str | None = None
         self.schedule = schedule
         self.seed = int(seed)
         self.loss_fn = loss_fn
@@ -472,8 +521,10 @@ class LocalLearner:
         self.grad_sync = grad_sync
         self.lean = bool(lean)
         self.hidden = [b for b in self.blocks if not b.is_output]
+        self._epochs_spec = epochs_per_layer
         self.epochs_per_layer = _stage_epochs(schedule, epochs_per_layer, len(self.hidden) + 1)
-        self._configure_blocks(rule, projection, conv_projection, target, target_scale, overrides or {})
+        self._config = (rule, projection, conv_projection, target, target_scale, dict(overrides or {}))
+        self._configure_blocks(*self._config, strict=False)
         self._optimizer_spec = optimizer
         self.optimizer: torch.optim.Optimizer | None = None  # created by the first step()
         self._attached: list[torch.optim.Optimizer] = []  # receive the learned projections as param groups
@@ -484,9 +535,16 @@ class LocalLearner:
         self._labels: Tensor | None = None
         self._stage = 0 if schedule == "layerwise" else None
         self._applied_stage: int | None = None
-        self._stash: dict[int, Tensor] = {}  # lean mode: inputs of blocks that build no graph
+        self._lean_inputs: dict[int, Tensor] = {}  # lean mode: inputs of blocks that build no graph
         self._grad_mode: list[bool] = []
-        self._handles = [h for b in self.hidden for h in self._attach(b)]
+        self._done: set[int] = set()  # blocks whose local step this forward has taken
+        self._current: Block | None = None  # the block whose layer ran last in this forward
+        self._trace: _Trace | None = None  # set during the first training forward
+        self._traced = False
+        self._closed = False
+        self._stopped = False
+        self._epoch = 0
+        self._handles: list[Any] = []  # installed when the first batch has been traced
         self.set_epoch(0)
 
     # ------------------------------------------------------------------ configuration
@@ -498,8 +556,11 @@ class LocalLearner:
         target: str,
         target_scale: float,
         overrides: Mapping[str, Mapping[str, Any]],
+        strict: bool = True,
     ) -> None:
         matched: set[str] = set()
+        for block in self.blocks:
+            block.rule, block.projection, block.tap, block.local_projection = None, None, None, None
         for block in self.hidden:
             opts: dict[str, Any] = {"rule": rule, "target": target, "target_scale": target_scale}
             is_conv = isinstance(block.layer, _CONV_LAYERS)
@@ -534,7 +595,9 @@ class LocalLearner:
                 block.local_projection = opts["projection"]
             elif opts["projection"] is not None:
                 block.projection = create_projection(opts["projection"], self.num_classes, scale)
-            block.tap = block.layer if block.is_local_module else _tap_of(block, block.target)
+            block.tap = block.layer if block.is_local_module else _tap_of(block, block.target, strict=strict)
+        if not strict:  # registration order: the output layer may still turn out to be hidden
+            matched |= {p for p in overrides for b in self.blocks if fnmatch.fnmatchcase(b.name, p)}
         unmatched = [p for p in overrides if p not in matched]
         if unmatched:
             raise ValueError(
@@ -542,19 +605,23 @@ class LocalLearner:
                 f"Hidden layers: {[b.name for b in self.hidden]}."
             )
 
-    def _attach(self, block: Block) -> list[Any]:
-        if block.is_local_module:
-            return []
-        handles = [block.tap.register_forward_hook(self._make_tap_hook(block))]
-        if self.lean and _explicit_grad_ok(block):
-            handles.append(block.layer.register_forward_pre_hook(self._make_lean_pre_hook(block)))
+    def _attach(self) -> list[Any]:
+        """The hooks of the traced plan: a boundary pre-hook on every layer, a tap hook on every module tap."""
+        handles = [b.layer.register_forward_pre_hook(self._make_boundary_hook(b), prepend=True) for b in self.blocks]
+        handles += [
+            b.tap.register_forward_hook(self._make_tap_hook(b))
+            for b in self.hidden
+            if not b.is_local_module and b.tap is not None
+        ]
         return handles
 
     def close(self) -> None:
         """Remove the hooks and unfreeze every block; the model is then an ordinary module again."""
-        for handle in self._handles:
+        for handle in self._handles + (self._trace.handles if self._trace is not None else []):
             handle.remove()
         self._handles = []
+        self._trace = None
+        self._closed = True
         self._set_frozen(frozen=set())
         self._applied_stage = None
 
@@ -611,6 +678,7 @@ class LocalLearner:
 
     def set_epoch(self, epoch: int) -> None:
         """Move the layer-wise schedule to ``epoch`` (a no-op for the simultaneous schedule)."""
+        self._epoch = epoch
         if self.schedule != "layerwise":
             return
         stage = self.stage_of_epoch(epoch)
@@ -633,37 +701,68 @@ class LocalLearner:
                 p.requires_grad_(block.index not in frozen)
 
     # ------------------------------------------------------------------ the local step
-    def _make_lean_pre_hook(self, block: Block) -> Callable[..., Any]:
-        """Lean mode: keep the block input and run the block (layer to tap) without recording a graph."""
+    def _make_boundary_hook(self, block: Block) -> Callable[..., Any]:
+        """Forward pre-hook on a block's layer: the block before it ends here (local step, detached input)."""
+        explicit = self.lean and not block.is_output and _explicit_grad_ok(block)
 
-        def hook(module: nn.Module, inputs: Any) -> None:
-            if self._labels is not None and block.params[0].requires_grad and torch.is_grad_enabled():
-                self._stash[block.index] = inputs[0].detach()
-                self._grad_mode.append(True)
-                torch.set_grad_enabled(False)  # restored by the tap hook, or by local_training on errors
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if self._labels is None:  # evaluation, or a forward outside a training step
+                return None
+            previous, self._current = self._current, block
+            result = None
+            if previous is not None and not previous.is_output:
+                result = self._finish_block(previous, inputs)
+            if explicit and block.params[0].requires_grad and torch.is_grad_enabled():
+                # lean mode: keep the input and run the block (layer to tap) without recording a graph
+                x = _first_tensor(inputs if result is None else result)
+                if x is not None:
+                    self._lean_inputs[block.index] = x.detach()
+                    self._grad_mode.append(True)
+                    torch.set_grad_enabled(False)  # restored by the tap hook, or by local_training on errors
+            return result
 
         return hook
 
     def _make_tap_hook(self, block: Block) -> Callable[..., Any]:
-        def hook(module: nn.Module, inputs: Any, h: Tensor) -> Tensor | None:
-            if self._labels is None:  # evaluation, or a forward outside a training step
-                return None
-            x = self._stash.pop(block.index, None)
+        """Forward hook on a block's tap module: the local step, then the output goes on detached."""
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], h: Tensor) -> Tensor | None:
+            if self._labels is None or self._current is not block or block.index in self._done:
+                return None  # not training, or a shared module called for another block (or again)
+            self._done.add(block.index)
+            x = self._lean_inputs.pop(block.index, None)
             if x is not None:  # lean mode: explicit, chunked gradients; no graph was built
                 torch.set_grad_enabled(self._grad_mode.pop())
                 self._explicit_update(block, x, h)
-            elif block.params[0].requires_grad:  # not frozen by the layer-wise schedule
-                if not h.requires_grad:
-                    raise RuntimeError(
-                        f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
-                        "training needs grad mode for the block's own graph."
-                    )
-                self._local_update(block, h, inputs[0] if inputs else None)
+            else:
+                self._update(block, h, inputs[0] if inputs and isinstance(inputs[0], Tensor) else None)
             if self._stop_after(block):
                 raise StopForward
             return h.detach()
 
         return hook
+
+    def _finish_block(self, block: Block, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """End ``block`` where the next layer receives ``inputs``: its local step if it taps there; detach them."""
+        if block.tap is None and block.index not in self._done and not block.is_local_module:
+            self._done.add(block.index)
+            h = _first_tensor(inputs)
+            if h is not None:
+                self._update(block, h)
+            if self._stop_after(block):
+                raise StopForward
+        return _detached(inputs)
+
+    def _update(self, block: Block, h: Tensor, z: Tensor | None = None) -> None:
+        """The local step of a Linear/Conv block on its output ``h`` (unless the schedule froze it)."""
+        if not block.params[0].requires_grad:  # frozen by the layer-wise schedule
+            return
+        if not h.requires_grad:
+            raise RuntimeError(
+                f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
+                "training needs grad mode for the block's own graph."
+            )
+        self._local_update(block, h, z)
 
     def _local_update(self, block: Block, h: Tensor, z: Tensor | None = None) -> None:
         """Projection → local loss → gradient of the block's parameters; the block's graph is freed here.
@@ -784,7 +883,7 @@ class LocalLearner:
                     "learning rate or target_scale, or check the inputs for NaN/inf."
                 )
             self._checks.fold_loss(block.name, loss)
-        if self.grad_sync is not None:
+        if self.grad_sync is not None and self._trace is None:  # traced batch: after the plan is final
             self.grad_sync.local(block, grads)
         previous = self._pending.get(block.index)
         if previous is None:
@@ -843,7 +942,7 @@ class LocalLearner:
                     "trainable parameters; give one per parameter, in parameters() order (None for none)."
                 )
             self._record(block, grads, loss.detach())
-            if self._stop_after(block):
+            if self._stop_after(block) and self._trace is None:  # the traced batch runs the whole forward
                 raise StopForward
 
         return LocalContext(
@@ -860,27 +959,38 @@ class LocalLearner:
     def local_training(self, labels: Tensor, batch: int | str | None = None) -> Iterator[None]:
         """Within this context, a forward pass of the model trains every hidden block locally.
 
-        The local gradients wait in the learner until :meth:`commit_grads` (after the output loss's
-        backward), because Lightning zeroes gradients between the training step and the backward.
+        The first such forward is traced: it builds the blocks in call order (see :meth:`_finish_trace`)
+        and trains them when it ends. The local gradients wait in the learner until :meth:`commit_grads`
+        (after the output loss's backward), because Lightning zeroes gradients between the training step
+        and the backward.
 
         Args:
             labels: (B,) integer labels of the batch.
             batch: the batch's index (or a description such as ``"3 of epoch 1"``), named in label errors.
         """
+        tracing = not self._traced and not self._closed
         if self.validate:
-            if self._checks.synchronous:
+            if tracing and not self._num_classes_given:
+                _check_label_type(labels)  # their range once the trace has found the output layer
+            elif self._checks.synchronous:
                 _check_labels(labels, self.num_classes, batch)
             else:
                 _check_label_type(labels)
                 self._checks.poll()
+        self._batch = batch
         self._labels = labels.long() if labels.dtype != torch.long else labels
         self._losses = {}
+        self._current, self._stopped = None, False
+        if tracing:
+            self._start_trace()
         trained = self._stage_blocks()
-        local_modules = [b for b in self.hidden if b.is_local_module and b.index in trained]
+        local_modules = [b for b in self.hidden if b.is_local_module and (tracing or b.index in trained)]
         for block in local_modules:
             block.layer.tpsgd_context = self._local_context(block)
         try:
             yield
+            if self._trace is not None:
+                self._finish_trace(None)
             self._checks.end_step(read=self.validate)
         except (IndexError, RuntimeError) as err:  # labels past the first step are not read: explain them here
             if self.validate:
@@ -889,19 +999,215 @@ class LocalLearner:
         finally:
             for block in local_modules:
                 block.layer.tpsgd_context = None
+            if self._trace is not None:  # the traced forward raised: trace the next batch again
+                self._abort_trace()
             self._labels = None
             if self._grad_mode:  # a lean block's forward raised between its pre-hook and its tap
                 torch.set_grad_enabled(self._grad_mode[0])
                 self._grad_mode.clear()
-            self._stash.clear()
+            self._lean_inputs.clear()
+            self._done.clear()
+            self._current = None
 
     def run(self, forward: Callable[[], Any], labels: Tensor, batch: int | str | None = None) -> Any:
-        """Call ``forward()`` inside :meth:`local_training`; returns ``None`` if a layer-wise stage stopped it."""
+        """Call ``forward()`` inside :meth:`local_training`; returns ``None`` if a layer-wise stage stopped it.
+
+        On the first call, the output of ``forward()`` is checked too: it must depend on no hidden block
+        except through the output layer(s).
+        """
         try:
             with self.local_training(labels, batch):
-                return forward()
+                out = forward()
+                if self._trace is not None:
+                    self._finish_trace(out)
         except StopForward:
+            self._stopped = True
             return None
+        return None if self._stopped else out
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the last forward trained a hidden block of a layer-wise stage and skipped the rest."""
+        return self._stopped
+
+    def discard(self) -> None:
+        """Drop the local gradients of the last forward (a skipped batch): nothing is applied."""
+        if self.grad_sync is not None:
+            self.grad_sync.finish(self._pending, [])  # complete the communication already started
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ tracing the first batch
+    def _start_trace(self) -> None:
+        """Hook every leaf module to record, in call order, the layers and what runs between them."""
+        trace = self._trace = _Trace()
+        self._set_frozen(frozen=set())  # every block builds its graph on the traced batch; the stage comes after
+        layers = {id(b.layer) for b in self.blocks}
+        seen: set[int] = set()
+        for name, module in _leaf_modules(self.model):
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            is_layer = id(module) in layers
+            if is_layer:
+                trace.handles.append(module.register_forward_pre_hook(self._make_trace_pre_hook(name)))
+            trace.handles.append(module.register_forward_hook(self._make_trace_hook(name, is_layer)))
+
+    def _abort_trace(self) -> None:
+        assert self._trace is not None
+        for handle in self._trace.handles:
+            handle.remove()
+        self._trace = None
+        self._pending.clear()
+        self._applied_stage = None
+        self.set_epoch(self._epoch)
+
+    def _make_trace_pre_hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            trace = self._trace
+            if trace is None:
+                return None
+            if any(m is module for m in trace.calls):
+                raise ValueError(
+                    f"Layer '{name}' ({type(module).__name__}) is called more than once in one forward pass, so "
+                    "its parameters would get several local targets: tpSGD trains each trainable layer as one "
+                    "block. Use a separate layer for each call (copy.deepcopy), freeze it with "
+                    "requires_grad_(False), or train this model with backpropagation (strategy='auto')."
+                )
+            previous, trace.current = trace.current, module
+            trace.calls.append(module)
+            trace.runs[id(module)] = []
+            trace.names[id(module)] = name
+            if previous is None or (self._output_layers and trace.names[id(previous)] in self._output_layers):
+                return None
+            trace.inputs[id(previous)] = _first_tensor(inputs)
+            return _detached(inputs)
+
+        return hook
+
+    def _make_trace_hook(self, name: str, is_layer: bool) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+            trace = self._trace
+            if trace is None:
+                return
+            if is_layer:
+                trace.outputs[id(module)] = out
+            elif trace.current is None:
+                trace.before.append((name, module))
+            else:
+                run = trace.runs[id(trace.current)]
+                if not any(m is module for _, m, _ in run):  # a shared module called again: its first call counts
+                    run.append((name, module, out))
+
+        return hook
+
+    def _finish_trace(self, result: Any) -> None:
+        """Build the blocks from the traced forward, check that they can be trained locally, and train them.
+
+        Blocks follow the *call* order of the trainable layers; a block's followers are the modules called
+        between its layer and the next one; the output layer is the last one called (unless
+        ``output_layers`` names them) and gives ``num_classes`` unless it was passed. The local gradients of
+        the traced batch are computed now, from the graphs the forward kept.
+
+        Raises:
+            ValueError: a layer or norm called in several places, a trainable norm called before any layer.
+            RuntimeError: a skip connection or a branch that would carry a gradient across blocks.
+        """
+        trace = self._trace
+        assert trace is not None and self._labels is not None
+        for handle in trace.handles:
+            handle.remove()
+        self._trace = None
+        if not trace.calls:  # the step ran no layer (it skipped its batch): trace the next one
+            self._pending.clear()
+            self._applied_stage = None
+            self.set_epoch(self._epoch)
+            if self.validate:
+                _check_labels(self._labels, self.num_classes, self._batch)
+            return
+        by_layer = {id(b.layer): b for b in self.blocks}
+        provisional = {b.index: b for b in self.blocks}
+        was_hidden = {b.name for b in self.hidden}
+        kept = {b.name: b.projection for b in self.hidden if b.projection is not None}
+        _check_traced_modules(trace)
+        blocks = [by_layer[id(m)] for m in trace.calls]
+        names = [b.name for b in blocks]
+        outputs = self._output_layers or [names[-1]]
+        missing = [o for o in outputs if o not in names]
+        if missing:
+            raise ValueError(f"output layers {missing} were not called by the training forward; called: {names}.")
+        unused = [b.name for b in self.blocks if id(b.layer) not in {id(m) for m in trace.calls}]
+        if unused:
+            warnings.warn(
+                f"Trainable layers {unused} were not called by the training forward: they are not trained "
+                "(as with backpropagation). Freeze them with requires_grad_(False) to silence this.",
+                stacklevel=2,
+            )
+        pending = [(provisional[i], g) for i, g in self._pending.items()]  # LocalModules of the traced batch
+        for index, block in enumerate(blocks):
+            block.index = index
+            block.followers = [(n, m) for n, m, _ in trace.runs[id(block.layer)]]
+            block.is_output = block.name in outputs
+            _set_block_params(block)
+        called = {id(m) for m in trace.calls} | {id(m) for _, m in trace.before}
+        called |= {id(m) for run in trace.runs.values() for _, m, _ in run}
+        idle = [p for _, m in _leaf_modules(self.model) if id(m) not in called for p in m.parameters()]
+        _check_direct_parameters(self.model, blocks, extra=idle)
+        for block in blocks[:-1]:  # an activation function on the way to the next layer (F.relu)?
+            block.functional_activation = _scan_graph(trace.inputs.get(id(block.layer)))[1]
+        self.blocks = blocks
+        self.hidden = [b for b in blocks if not b.is_output]
+        same_classes = True
+        if not self._num_classes_given:
+            inferred = _infer_num_classes(blocks)
+            same_classes = inferred == self.num_classes
+            self.num_classes = inferred
+            if self.num_classes < 2:
+                raise ValueError(f"num_classes must be at least 2, got {self.num_classes}; pass num_classes=.")
+        self.epochs_per_layer = _stage_epochs(self.schedule, self._epochs_spec, len(self.hidden) + 1)
+        self._configure_blocks(*self._config, strict=True)
+        _check_locality(self.blocks, trace, result, outputs)
+        for block in self.hidden:  # keep projections built already (restored from a checkpoint)
+            old = kept.get(block.name)
+            if same_classes and old is not None and old.is_built and block.projection is not None:
+                if old.name == block.projection.name:
+                    block.projection = old
+                    if isinstance(old.P, nn.Parameter):
+                        block.params.append(old.P)
+        hidden_names = {b.name for b in self.hidden}
+        self._projections = {
+            name: p
+            for name, p in self._projections.items()
+            if ":" in name and same_classes and name.split(":")[0] in hidden_names
+        }
+        self._projections.update({b.name: b.projection for b in self.hidden if b.projection is not None})
+        self._applied_stage = None
+        self.set_epoch(self._epoch)
+        trained = self._stage_blocks()
+        self._pending = {
+            b.index: g
+            for b, g in pending
+            if same_classes and b.name in was_hidden and not b.is_output and b.index in trained
+        }
+        self._losses = {name: loss for name, loss in self._losses.items() if name in {b.name for b in self.hidden}}
+        if self.grad_sync is not None:
+            for index, grads in self._pending.items():
+                self.grad_sync.local(self.blocks[index], grads)
+        _check_num_classes(blocks, self.num_classes)
+        if self.validate:
+            _check_labels(self._labels, self.num_classes, self._batch)
+        for block in self.hidden:
+            if block.is_local_module or block.index not in trained:
+                continue
+            h = _traced_output(block, trace)
+            if not isinstance(h, Tensor) or not h.requires_grad:
+                raise RuntimeError(
+                    f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
+                    "training needs grad mode for the block's own graph."
+                )
+            self._local_update(block, h)
+        self._handles = self._attach()
+        self._traced = True
+        self._stopped = self._stage is not None and self._stage < len(self.hidden)
 
     @property
     def trains_output(self) -> bool:
@@ -1005,7 +1311,7 @@ class LocalLearner:
         if "optimizer" in state and self.optimizer is None:
             self.optimizer = _make_optimizer(self._optimizer_spec, self.model)
             self.attach_optimizer(self.optimizer)
-        blocks = {b.name: b for b in self.hidden}
+        blocks = {b.name: b for b in (self.hidden if self._traced else self.blocks)}  # before: by name only
         for name, P in state["projections"].items():
             block = blocks.get(name.split(":")[0])
             if block is None:
@@ -1059,6 +1365,165 @@ def _capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
+@dataclass
+class _Trace:
+    """What the first training forward recorded, in call order (see :meth:`LocalLearner._finish_trace`)."""
+
+    calls: list[nn.Module] = field(default_factory=list)  # trainable layers
+    names: dict[int, str] = field(default_factory=dict)  # id(layer) -> name
+    runs: dict[int, list[tuple[str, nn.Module, Any]]] = field(default_factory=dict)  # id(layer) -> followers
+    outputs: dict[int, Any] = field(default_factory=dict)  # id(layer) -> its output
+    inputs: dict[int, Tensor | None] = field(default_factory=dict)  # id(layer) -> what the next layer received
+    before: list[tuple[str, nn.Module]] = field(default_factory=list)  # modules called before any layer
+    current: nn.Module | None = None
+    handles: list[Any] = field(default_factory=list)
+
+
+#: autograd nodes of activation functions (``ReluBackward0`` ...): a functional activation between two layers
+_ACTIVATION_OPS = frozenset(
+    "Relu LeakyRelu Rrelu Prelu Elu Celu Selu Gelu Silu Mish Hardswish Hardsigmoid Hardtanh Tanh Sigmoid "
+    "LogSigmoid Softplus Softsign Threshold ClampMin Clamp Glu".split()
+)
+
+
+def _first_tensor(args: Any) -> Tensor | None:
+    return next((a for a in args if isinstance(a, Tensor)), None) if isinstance(args, tuple) else None
+
+
+def _detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors in a forward's or a training step's result (a tensor, a dict, a tuple or a list)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _scan_graph(t: Tensor | None, stop: Mapping[Any, Block] | None = None) -> tuple[set[int], Any]:
+    """Ids of the parameters ``t``'s autograd graph reaches, and whether it applies an activation function.
+
+    With ``stop`` (autograd nodes → blocks), the walk does not go past those nodes (other than ``t``'s own)
+    and returns the blocks met there instead of the activation flag.
+    """
+    params: set[int] = set()
+    activation = False
+    met: list[Block] = []
+    if not isinstance(t, Tensor) or t.grad_fn is None:
+        return params, (met if stop is not None else activation)
+    seen: set[Any] = set()
+    stack = [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if stop is not None and fn in stop and fn is not t.grad_fn:
+            met.append(stop[fn])
+            continue
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            params.add(id(variable))
+            continue
+        name = type(fn).__name__
+        activation = activation or name.rstrip("0123456789").removesuffix("Backward") in _ACTIVATION_OPS
+        stack.extend(f for f, _ in fn.next_functions)
+    return params, (met if stop is not None else activation)
+
+
+def _check_traced_modules(trace: _Trace) -> None:
+    """Norms must be called after a layer, and each in one block only."""
+    for name, module in trace.before:
+        if _has_trainable(module):
+            raise ValueError(
+                f"Norm layer '{name}' ({type(module).__name__}) is called before any trainable layer, so no "
+                "local target can train it. Freeze it with requires_grad_(False) or move it after a layer."
+            )
+    owners: dict[int, str] = {}
+    for layer in trace.calls:
+        for name, module, _ in trace.runs[id(layer)]:
+            if not _has_trainable(module):
+                continue
+            if id(module) in owners and owners[id(module)] != trace.names[id(layer)]:
+                raise ValueError(
+                    f"Norm layer '{name}' is called after both '{owners[id(module)]}' and "
+                    f"'{trace.names[id(layer)]}' in one forward pass, so two blocks would train its parameters. "
+                    "Use a separate norm after each layer, or freeze it with requires_grad_(False)."
+                )
+            owners[id(module)] = trace.names[id(layer)]
+
+
+def _check_locality(blocks: list[Block], trace: _Trace, result: Any, outputs: Sequence[str]) -> None:
+    """No gradient may cross blocks once every block is detached at its tap and at the next layer's input.
+
+    A block's output (at its tap) may depend on other blocks only through its layer's input: anything else
+    is a skip connection into the block. Several blocks' outputs may meet at a layer's input (a join, e.g.
+    a concatenation before the head). The loss may depend on hidden blocks only through their taps.
+    """
+    owner = {id(p): b for b in blocks for p in b.params}
+    taps = {}  # grad_fn of each hidden block's output at its tap: where the engine detaches it
+    outs = {}
+    for block in blocks:
+        if not block.is_output and not block.is_local_module:
+            outs[block.index] = out = _traced_output(block, trace)
+            if isinstance(out, Tensor) and out.grad_fn is not None:
+                taps[out.grad_fn] = block
+    for block in blocks:
+        if block.index not in outs:
+            continue
+        reached, met = _scan_graph(outs[block.index], stop=taps)
+        others = sorted(
+            {owner[i].name for i in reached if i in owner and owner[i] is not block} | {b.name for b in met}
+        )
+        if others:
+            where = f"its tap '{_tap_name(block)}'" if block.tap is not None else "the input of the next layer"
+            raise RuntimeError(
+                f"The output of block '{block.name}' (at {where}) depends on block(s) {others} other than through "
+                f"the input of '{block.name}': a skip connection across blocks (such as a residual "
+                "`out + identity`) would carry gradient from one block into another, which tpSGD cannot train "
+                "locally. Detach the skip where it is added (`out + identity.detach()`), put the skip inside one "
+                "lightning_tpsgd.nn.LocalModule, or train this model with backpropagation (strategy='auto')."
+            )
+        own = {id(p) for p in block.layer.parameters() if p.requires_grad}
+        if own and not reached & own:
+            following = blocks[block.index + 1].name
+            raise RuntimeError(
+                f"Block '{block.name}' does not feed '{following}', the trainable layer called after it: tpSGD "
+                "needs the layers to form a chain in call order (each one's input computed from the output of "
+                "the one called before it). Apply the activation as a module (nn.ReLU) so the block ends there, "
+                "reorder the forward, or freeze the branch with requires_grad_(False)."
+            )
+    reached = set()
+    for t in _tensors(result):
+        reached |= _scan_graph(t, stop=taps)[0]
+    leaked = sorted({owner[i].name for i in reached if i in owner and not owner[i].is_output})
+    if leaked:
+        raise RuntimeError(
+            f"The model's loss depends on hidden block(s) {leaked} other than through the output layer(s) "
+            f"{list(outputs)}: a skip connection across blocks or a parallel branch would carry the loss's "
+            "gradient into them. Feed the output layer only from the block called before it, detach the skip "
+            "(`identity.detach()`), or name the branch's last layer in output_layers=."
+        )
+
+
+def _tap_name(block: Block) -> str:
+    return next((n for n, m in block.followers if m is block.tap), block.name)
+
+
+def _traced_output(block: Block, trace: _Trace) -> Any:
+    """The traced batch's output of ``block`` at its tap."""
+    if block.tap is None:
+        return trace.inputs.get(id(block.layer))
+    if block.tap is block.layer:
+        return trace.outputs.get(id(block.layer))
+    return next(out for _, m, out in trace.runs[id(block.layer)] if m is block.tap)
+
+
 def _relu_slope(activation: nn.Module | None) -> float | None:
     """Negative slope of a ReLU / LeakyReLU tap that is not in-place, else None."""
     if getattr(activation, "inplace", False):  # its input was overwritten and carries the activation's graph
@@ -1071,6 +1536,8 @@ def _relu_slope(activation: nn.Module | None) -> float | None:
 def _explicit_grad_ok(block: Block) -> bool:
     """Whether lean mode can compute the block's gradient by hand (no graph): see ``_explicit_update``."""
     layer, followers = block.layer, [m for _, m in block.followers]
+    if block.tap is None:
+        return False
     tap_is_next = block.tap is layer or (bool(followers) and block.tap is followers[0])
     if not (isinstance(layer, (nn.Linear, *_CONV_LAYERS)) and tap_is_next and block.rule is not None):
         return False

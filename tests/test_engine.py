@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tpsgd import LocalLearner, find_blocks
+from lightning_tpsgd.engine import _explicit_grad_ok
 from lightning_tpsgd.functional import readout_ce, tpsgd_l2
 
 
@@ -94,8 +95,9 @@ def test_norm_after_pooling_is_rejected():
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(18, 2)
     )
+    learner = LocalLearner(model, num_classes=2)  # found when the first batch shows the call order
     with pytest.raises(ValueError, match="Norm layer '3' in block '0' comes after"):
-        LocalLearner(model)
+        learner.step(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
 
 
 def test_unknown_output_layer():
@@ -186,8 +188,10 @@ def test_per_layer_overrides():
     learner = LocalLearner(mlp(), rule="l2", overrides={"3": {"rule": "drtp", "target": "pre"}})
     assert learner.hidden[0].rule.name == "l2"
     assert learner.hidden[1].rule.name == "drtp" and isinstance(learner.hidden[1].tap, nn.Linear)
+    with pytest.raises(ValueError, match="not hidden trainable layers"):  # the output layer: known at batch 1
+        LocalLearner(mlp(), overrides={"6": {"rule": "l1"}}).step(*batch())
     with pytest.raises(ValueError, match="not hidden trainable layers"):
-        LocalLearner(mlp(), overrides={"6": {"rule": "l1"}})
+        LocalLearner(mlp(), overrides={"fc": {"rule": "l1"}})  # no such layer: at once
     with pytest.raises(ValueError, match="unknown keys"):
         LocalLearner(mlp(), overrides={"1": {"lr": 1.0}})
 
@@ -199,7 +203,7 @@ def test_conv_projection_choice():
     assert learner.hidden[0].projection.P.shape == (10, 4, 6, 6)
 
 
-def test_shared_layer_gradients_accumulate():
+def test_a_layer_called_twice_is_an_error():
     torch.manual_seed(0)
     shared = nn.Linear(8, 8)
 
@@ -212,8 +216,8 @@ def test_shared_layer_gradients_accumulate():
             return self.out(self.act(self.shared(self.act(self.shared(x)))))
 
     learner = LocalLearner(Twice(), optimizer=sgd())
-    logs = learner.step(torch.rand(4, 8), torch.tensor([0, 1, 2, 0]))
-    assert "shared" in logs
+    with pytest.raises(ValueError, match="Layer 'shared' \\(Linear\\) is called more than once in one forward"):
+        learner.step(torch.rand(4, 8), torch.tensor([0, 1, 2, 0]))
 
 
 # ---------------------------------------------------------------- layer-wise schedule
@@ -224,6 +228,8 @@ def test_layerwise_trains_one_block_at_a_time_and_skips_later_blocks():
     learner = LocalLearner(model, schedule="layerwise", epochs_per_layer=2, optimizer=sgd())
     assert learner.num_stages == 3
     assert [learner.stage_of_epoch(e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 2, 2]
+    learner.step(*batch())  # the first batch is traced: its forward runs to the end once
+    calls.clear()
     snapshot = [p.clone() for p in model.parameters()]
 
     learner.set_epoch(2)  # stage 1: block "4" only
@@ -408,15 +414,20 @@ def test_non_finite_local_loss_names_the_block():
         ({"conv_projection": "fancy"}, "Invalid conv_projection 'fancy'"),
         ({"target_scale": 0.0}, "target_scale of block '1' must be positive"),
         ({"num_classes": 1}, "num_classes must be at least 2"),
-        (
-            {"num_classes": 20},
-            r"num_classes=20 but the output layer '6' \(Linear\) has 10 outputs.*Leave num_classes unset",
-        ),
     ],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LocalLearner(mlp(), **kwargs)
+
+
+def test_more_classes_than_the_output_layer_has_outputs():
+    match = r"num_classes=20 but the output layer '6' \(Linear\) has 10 outputs.*Leave num_classes unset"
+    learner = LocalLearner(mlp(), num_classes=20)  # the output layer is the last one called: known at batch 1
+    with pytest.raises(ValueError, match=match):
+        learner.step(*batch())
+    with pytest.raises(ValueError, match=match):  # named output layers: at once
+        LocalLearner(mlp(), num_classes=20, output_layers=["6"])
 
 
 def test_skip_connection_across_blocks_is_detected():
@@ -486,6 +497,9 @@ def test_lean_mode_gives_the_same_gradients_without_a_graph(rule, layers):
         torch.manual_seed(0)
         model = nn.Sequential(*layers())
         learner = LocalLearner(model, rule=rule, lean=lean)
+        with learner.local_training(y):  # the traced first batch always builds graphs
+            model(x)
+        learner.discard()
         with learner.local_training(y):
             out = model(x)
         grads.append(learner._pending[0])
@@ -501,7 +515,7 @@ def test_lean_mode_falls_back_to_autograd_for_other_blocks():
     learner = LocalLearner(cnn(), lean=True)  # block 0 has a batch norm between conv and activation
     logs = learner.step(*batch())
     assert set(logs) == {"0", "4", "loss"}
-    assert len(learner._handles) == 3  # two tap hooks, one lean pre-hook (block "4")
+    assert [_explicit_grad_ok(b) for b in learner.hidden] == [False, True]  # only block "4" builds no graph
 
 
 def test_lean_mode_restores_grad_mode_after_an_error():
@@ -635,3 +649,150 @@ def test_cuda_graph_steps_match_eager_steps():
         assert set(logs) == {"0", "4", "loss"}
     for eager, replayed in zip(*params, strict=True):
         torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- blocks from the call order (issue 18)
+class FunctionalRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.out = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.out(F.relu(self.fc2(x)))
+
+
+class ActivationsDeclaredLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.out = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+        self.act1, self.act2 = nn.ReLU(), nn.Tanh()
+
+    def forward(self, x):
+        return self.out(self.act2(self.fc2(self.act1(self.fc1(x.flatten(1))))))
+
+
+class SharedRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.out = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.relu(self.fc2(self.relu(self.fc1(x.flatten(1))))))
+
+
+def _post_activation(model, x):
+    """The hidden outputs after their activation, computed by hand."""
+    h1 = torch.relu(model.fc1(x.flatten(1)))
+    act2 = torch.tanh if isinstance(model, ActivationsDeclaredLast) else torch.relu
+    return [h1, act2(model.fc2(h1.detach()))]
+
+
+@pytest.mark.parametrize("make", [FunctionalRelu, ActivationsDeclaredLast, SharedRelu])
+@pytest.mark.parametrize("traced", [True, False], ids=["first-batch", "later-batch"])
+def test_hidden_targets_are_post_activation_however_the_activation_is_written(make, traced):
+    model = make()
+    learner = LocalLearner(model, rule="l2")
+    x, y = batch()
+    if not traced:  # the first batch is traced and trained from the graphs it kept; later ones by the hooks
+        with learner.local_training(y):
+            model(x)
+        learner.discard()
+    with learner.local_training(y):
+        model(x)
+    assert [b.name for b in learner.blocks] == ["fc1", "fc2", "out"]
+    for block, h in zip(learner.hidden, _post_activation(model, x), strict=True):
+        expected = torch.autograd.grad(tpsgd_l2(h, block.projection.P[y]), list(block.layer.parameters()))
+        for g, e in zip(learner._pending[block.index], expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def test_functional_activation_taps_the_next_layers_input():
+    learner = LocalLearner(FunctionalRelu())
+    learner.step(*batch())
+    assert [b.tap for b in learner.hidden] == [None, None] and all(b.functional_activation for b in learner.hidden)
+    learner = LocalLearner(FunctionalRelu(), target="pre")  # "pre" stays on the layer
+    learner.step(*batch())
+    assert [b.tap for b in learner.hidden] == [learner.model.fc1, learner.model.fc2]
+
+
+def test_a_head_registered_first_is_the_output_layer_and_gives_num_classes():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.head = nn.Linear(16, 3)
+            self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = HeadFirst()
+    learner = LocalLearner(model, optimizer=sgd())
+    logs = learner.step(torch.rand(6, 8), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert [b.name for b in learner.blocks] == ["body.0", "body.2", "head"]
+    assert learner.num_classes == 3 and set(logs) == {"body.0", "body.2", "loss"}
+    assert learner.hidden[1].projection.P.shape == (3, 16)
+    learner.step(torch.rand(6, 8), torch.tensor([0, 1, 2, 0, 1, 2]))  # the traced plan runs the next batches
+    with pytest.raises(ValueError, match=r"Labels must lie in \[0, 3\)"):
+        learner.step(torch.rand(2, 8), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_resnet18_skip_connections_are_an_error_on_the_first_batch(library):
+    if library == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        model = torchvision.models.resnet18(weights=None, num_classes=10)
+    learner = LocalLearner(model, optimizer=sgd())
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(
+        RuntimeError,
+        match=r"The output of block 'layer1\.0\.conv2' .* on block\(s\) \['conv1'\] .* skip connection across blocks",
+    ):
+        learner.step(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # nothing was trained
+
+
+class TwoTowers(nn.Module):
+    def __init__(self, functional):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(8, 3)
+        self.act_a, self.act_b = nn.ReLU(), nn.ReLU()
+        self.functional = functional
+
+    def forward(self, x):
+        if self.functional:  # the towers' outputs end only at the head's input: they cannot be told apart
+            return self.out(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1))
+        return self.out(torch.cat([self.act_a(self.a(x)), self.act_b(self.b(x))], dim=1))
+
+
+def test_parallel_towers_joined_at_a_layer_train_locally():
+    model = TwoTowers(functional=False)
+    learner = LocalLearner(model, optimizer=sgd())
+    x, y = torch.rand(3, 4), torch.tensor([0, 1, 2])
+    for _ in range(2):
+        assert set(learner.step(x, y)) == {"a", "b", "loss"}
+    with pytest.raises(RuntimeError, match=r"The output of block 'b' .* depends on block\(s\) \['a'\]"):
+        LocalLearner(TwoTowers(functional=True)).step(x, y)
+
+
+def test_a_skip_into_the_loss_is_an_error():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)
+
+        def forward(self, x):
+            z = self.act(self.a(x))
+            return self.b(z) + self.a.weight.sum()  # a regulariser on a hidden layer's weights
+
+    with pytest.raises(RuntimeError, match=r"The model's loss depends on hidden block\(s\) \['a'\]"):
+        LocalLearner(Skip(), num_classes=4).step(torch.rand(3, 4), torch.tensor([0, 1, 2]))
