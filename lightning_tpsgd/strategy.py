@@ -123,6 +123,9 @@ class _LocalLearning:
         batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", trainer.global_step)
         where = f"{batch_idx} of epoch {trainer.current_epoch}"
         output = learner.run(lambda: super(_LocalLearning, self).training_step(*args, **kwargs), labels, where)
+        if output is None and not learner.stopped:  # the module skipped the batch: nothing may be updated
+            learner.discard()
+            return None
         losses = learner.local_losses()
         if self.log_local_losses:
             _log_local_losses(self.lightning_module, losses, labels.shape[0])
@@ -189,8 +192,9 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
         seed: seeds the projections.
         num_classes: default: the output layer's ``out_features``; more than the output layer's outputs is an
             error.
-        labels: where the labels are in a batch: ``None`` (``batch[1]``, or a dict's ``"label"`` /
-            ``"labels"``), an index, a key, or a callable ``batch -> labels``.
+        labels: where the labels are in a batch: ``None`` (the ``y`` of an ``(x, y)`` pair, or a dict's
+            ``"label"`` / ``"labels"``; any other batch is an error asking for this option), an index, a
+            key, or a callable ``batch -> labels``.
         output_layers: layers trained by the module's loss (default: the last trainable layer), or the
             LightningModule's ``tpsgd_output_layers`` attribute when it has one.
         overrides: per-layer options, e.g. ``{"net.0": {"rule": "l1", "target": "pre"}}``.
@@ -457,8 +461,14 @@ def _extract_labels(batch: Any, spec: LabelSpec, step: int) -> Tensor:
                 "where the labels are: TPSGDStrategy(labels='<key>') or labels=callable(batch)."
             )
         labels = batch[key]
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
         labels = batch[1]
+    elif isinstance(batch, (tuple, list)) and len(batch) > 2:
+        raise ValueError(
+            f"Batch {step} is a {type(batch).__name__} of {len(batch)} elements, so which one holds the labels is "
+            "ambiguous (the hidden layers would train on the wrong one). Tell the strategy: "
+            "TPSGDStrategy(labels=<index>), labels='<key>' or labels=callable(batch)."
+        )
     else:
         raise ValueError(
             f"Batch {step} ({type(batch).__name__}) carries no labels: tpSGD needs them to build local targets. "

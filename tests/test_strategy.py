@@ -236,6 +236,55 @@ def test_corrupted_checkpoint_names_the_path_and_the_fix(tmp_path, content):
     assert str(bad) in str(info.value) and "Resume from another checkpoint" in str(info.value)
 
 
+def indexed_loader(n=32, batch_size=8):
+    """(x, index, y) batches whose indices also fall in [0, 10): guessing batch[1] would train on them."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, torch.arange(n) % 10, y), batch_size)
+
+
+class IndexedNet(Net):
+    def training_step(self, batch, batch_idx):
+        x, _, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def test_labels_of_a_batch_with_more_than_two_elements_must_be_named():
+    with pytest.raises(ValueError, match=r"3 elements.*ambiguous.*TPSGDStrategy\(labels=<index>\)"):
+        trainer(strategy="tpsgd", max_steps=1).fit(IndexedNet(), indexed_loader())
+    model = IndexedNet()
+    t = trainer(strategy=TPSGDStrategy(labels=2), max_steps=2)
+    t.fit(model, indexed_loader())
+    assert t.global_step == 2
+
+
+class SkippingNet(Net):
+    """Skips every batch whose first label is even, the Lightning way (training_step returns None)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if int(batch[1][0]) % 2 == 0 else loss
+
+
+def test_a_skipped_batch_updates_nothing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 8, 8, generator=g)
+    skipped = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), 8)
+    model = SkippingNet()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    t = trainer(strategy="tpsgd", max_epochs=1)
+    t.fit(model, skipped)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # a skipped batch leaves nothing behind for the next one: the trained batch matches a run without the skip
+    kept = DataLoader(TensorDataset(x[8:], torch.ones(8, dtype=torch.long)), 8)
+    mixed = DataLoader(TensorDataset(x, torch.tensor([0] * 8 + [1] * 8)), 8)
+    reference, candidate = Net(), SkippingNet()
+    trainer(strategy="tpsgd", max_epochs=1).fit(reference, kept)
+    trainer(strategy="tpsgd", max_epochs=1).fit(candidate, mixed)
+    for (name, a), b in zip(reference.named_parameters(), candidate.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_float_labels_are_rejected_with_the_fix():
     data = DataLoader(TensorDataset(torch.rand(16, 1, 8, 8), torch.rand(16)), 8)
 
