@@ -204,7 +204,15 @@ def test_bptt_gradients_without_context():
 @pytest.mark.parametrize(("chunk_size", "center"), [(1, False), (4, False), (64, False), (4, True)])
 def test_local_gradients_equal_a_per_time_step_computation(rule, bidirectional, chunk_size, center):
     torch.manual_seed(0)
-    rnn = RNN(F_IN, H, bidirectional=bidirectional, chunk_size=chunk_size, center_targets=center, dtype=torch.float64)
+    rnn = RNN(
+        F_IN,
+        H,
+        bidirectional=bidirectional,
+        chunk_size=chunk_size,
+        center_targets=center,
+        nonlinearity="sigmoid",  # the paper's cell, which _brute_force_grads writes out
+        dtype=torch.float64,
+    )
     x, y = torch.randn(T, B, F_IN, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
     store: dict = {}
     rnn.tpsgd_context = _context(rule, y, store)
@@ -538,3 +546,7 @@ def test_torch_recurrent_layers_are_rejected_with_a_pointer_to_ours():
     for layer in (nn.RNN(F_IN, H), nn.GRU(F_IN, H), nn.LSTM(F_IN, H)):
         with pytest.raises(TypeError, match="Use lightning_tpsgd.nn.RNN"):
             LocalLearner(nn.Sequential(layer, nn.Linear(H, C)))
+
+
+def test_the_default_cell_is_tanh_like_torch_nn_rnn():
+    assert RNN(F_IN, H).nonlinearity == "tanh" == nn.RNN(F_IN, H).nonlinearity

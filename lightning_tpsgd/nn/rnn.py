@@ -59,7 +59,7 @@ _ELEMENTWISE_RULES = (TPSGDL1, TPSGDL2, DRTP)
 
 
 class RNN(LocalModule):
-    r"""The paper's recurrent cell (sigmoid by default), stacked and bidirectional like :class:`torch.nn.RNN`.
+    r"""The paper's recurrent cell, stacked and bidirectional like :class:`torch.nn.RNN` (tanh by default, as there).
 
     For each layer and direction:
 
@@ -119,8 +119,10 @@ class RNN(LocalModule):
         bias: learn ``b_X`` and ``b_H``.
         batch_first: inputs and outputs are ``(B, T, F)`` instead of ``(T, B, F)`` (``h_n`` is unaffected).
         bidirectional: add a backward cell to every layer; the outputs are concatenated.
-        nonlinearity: ``"sigmoid"`` (the paper's cell) or ``"tanh"`` (:class:`torch.nn.RNN`'s default;
-            zero-centred, it trains faster with local targets).
+        nonlinearity: ``"tanh"`` (the default, as in :class:`torch.nn.RNN`; zero-centred, it trains faster with
+            local targets: seq-MNIST rows, rule ``"ce"``, 67.5 % against 33.4 % for sigmoid, issue 18) or
+            ``"sigmoid"`` (the paper's cell; pass it to reproduce the paper, as the zoo's ``rnn1`` / ``rnn2`` /
+            ``birnn1`` do by default).
         time_reduction: accumulate the per-step pseudo-gradients and losses as a ``"sum"`` (paper eq. (4))
             or a ``"mean"`` over the time steps.
         projection: projection kind of the targets (``"binary"``, ``"orthogonal"``, ``"uniform"``,
@@ -171,7 +173,7 @@ class RNN(LocalModule):
         bias: bool = True,
         batch_first: bool = False,
         bidirectional: bool = False,
-        nonlinearity: str = "sigmoid",
+        nonlinearity: str = "tanh",
         *,
         time_reduction: str = "sum",
         projection: str | None = None,
