@@ -413,13 +413,16 @@ class LocalLearner:
     plain training loop, or let :class:`~lightning_tpsgd.TPSGDStrategy` drive the same object.
 
     Args:
-        model: the network; its leaf modules must be registered in the order they are called.
-        num_classes: C; default: ``out_features`` of the (first) output layer. More classes than an output
-            layer has outputs is an error (those classes could never be predicted).
+        model: the network. Its blocks are taken from the call order of its first training forward (the
+            registration order does not matter); a layer called twice or a skip connection across blocks is
+            an error there.
+        num_classes: C; default: ``out_features`` of the (first) output layer, the last trainable layer called.
+            More classes than an output layer has outputs is an error (those classes could never be predicted).
         rule: ``"ce"`` (default: cross-entropy over cosine similarities to the class targets, scale-free),
             ``"learned"`` (cross-entropy of a linear readout initialised from ``P`` and trained with the block;
-            see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, a
-            :class:`LocalRule`, or any callable ``loss(output, target) -> scalar``.
+            see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``,
+            ``"drtp_sum"`` (DRTP summed like its reference code), a :class:`LocalRule`, or any callable
+            ``loss(output, target) -> scalar``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
         conv_projection: projection for Conv blocks: ``"filter"`` (default; the paper's filter-based

@@ -114,24 +114,34 @@ def tpsgd_l1_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
     return loss, d.sign_(), 1.0 / n
 
 
-def drtp(h: Tensor, t: Tensor) -> Tensor:
-    r"""DRTP surrogate loss :math:`-\operatorname{mean}(h \odot t)`.
+def drtp(h: Tensor, t: Tensor, reduction: str = "mean") -> Tensor:
+    r"""DRTP surrogate loss :math:`-\operatorname{mean}(h \odot t)` (or the sum, ``reduction="sum"``).
 
     Its gradient :math:`-t / N` reproduces the DRTP update of paper Table 1,
     :math:`w \leftarrow w + \eta\, B y^* \odot \sigma'(z)\, x`, once autograd multiplies by
-    :math:`\sigma'(z)` and the layer input.
+    :math:`\sigma'(z)` and the layer input. With ``reduction="sum"`` the gradient is :math:`-t`: the reference
+    code's (Frenkel et al. 2021) update, summed over the batch and the features, with the target's sign
+    (the reference descends along :math:`+y^* B`; with a symmetric random :math:`B` the two are the same rule).
 
     Shape:
         - h: (B, *S); t: same as h
         - returns: scalar
     """
-    return -(h * t).mean()
+    return -(h * t).sum() / _drtp_count(h, reduction)
 
 
-def drtp_grad_(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor, float]:
-    r"""Loss of :func:`drtp` and its gradient :math:`-t / N` as ``(loss, t, -1/N)``."""
-    n = h.numel()
+def drtp_grad_(h: Tensor, t: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor, float]:
+    r"""Loss of :func:`drtp` and its gradient :math:`-t / N` (``-t`` for the sum) as ``(loss, t, -1/N)``."""
+    n = _drtp_count(h, reduction)
     return -_dot(h, t) / n, t, -1.0 / n
+
+
+def _drtp_count(h: Tensor, reduction: str) -> int:
+    if reduction == "mean":
+        return h.numel()
+    if reduction == "sum":
+        return 1
+    raise ValueError(f"Invalid reduction {reduction!r}; choose 'mean' or 'sum'.")
 
 
 def _cosines(h: Tensor, P: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -175,8 +175,9 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
     Args:
         rule: local rule of the hidden blocks: ``"ce"`` (default, scale-free), ``"learned"`` (a linear
             readout per block, initialised from its projection and trained with it by the module's
-            optimizer, as an extra parameter group), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"``, ``"drtp"`` or
-            a callable ``loss(output, target)``.
+            optimizer, as an extra parameter group), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"``, ``"drtp"``,
+            ``"drtp_sum"`` (DRTP at the reference code's scale: summed over batch and features, see
+            :class:`~lightning_tpsgd.rules.DRTP`) or a callable ``loss(output, target)``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
         conv_projection: projection for Conv blocks, over their whole ``(K, H, W)`` output: ``"filter"``

@@ -3,13 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from lightning_tpsgd import functional as TF
-from lightning_tpsgd.rules import TPSGDCE, CallableRule, LearnedCE, LocalRule, create_rule, list_rules
+from lightning_tpsgd.rules import DRTP, TPSGDCE, CallableRule, LearnedCE, LocalRule, create_rule, list_rules
 
 FUNCTIONAL = {"l1": TF.tpsgd_l1, "l2": TF.tpsgd_l2, "drtp": TF.drtp}
 
 
 def test_registry_lists_the_rules():
-    assert list_rules() == ["ce", "drtp", "l1", "l2", "learned"]
+    assert list_rules() == ["ce", "drtp", "drtp_sum", "l1", "l2", "learned"]
     assert list_rules("l?") == ["l1", "l2"]
 
 
@@ -80,10 +80,58 @@ def test_rule_instances_pass_through():
 @pytest.mark.parametrize(
     ("spec", "error", "match"),
     [
-        ("l3", ValueError, "Unknown rule 'l3'. Valid names: ce, drtp, l1, l2, learned"),
+        ("l3", ValueError, "Unknown rule 'l3'. Valid names: ce, drtp, drtp_sum, l1, l2, learned"),
         (3, TypeError, "rule must be a name"),
     ],
 )
 def test_bad_rules(spec, error, match):
     with pytest.raises(error, match=match):
         create_rule(spec)
+
+
+class _ReferenceDRTP(torch.autograd.Function):
+    """The DRTP reference code's hook (Frenkel et al. 2021): the output gradient is replaced by ``y_onehot @ B``."""
+
+    @staticmethod
+    def forward(ctx, h, y_onehot, B):
+        ctx.save_for_backward(y_onehot, B)
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        y_onehot, B = ctx.saved_tensors
+        return y_onehot @ B, None, None
+
+
+@pytest.mark.parametrize("rule", ["drtp_sum", DRTP(reduction="sum")], ids=["name", "object"])
+def test_drtp_sum_reproduces_the_reference_update_on_one_batch(rule):
+    from lightning_tpsgd import LocalLearner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Sigmoid(), torch.nn.Linear(32, 5))
+    x, y = torch.randn(16, 12, dtype=torch.float64), torch.randint(0, 5, (16,))
+    model = model.double()
+    learner = LocalLearner(model, rule=rule, target_scale=1.0)
+    with learner.local_training(y):
+        model(x)
+    got = learner._pending[0]
+    P = learner.hidden[0].projection.P
+    # the reference: dW = (e_y B ⊙ f'(z))^T x summed over the batch, its update W -= lr dW
+    reference = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Sigmoid()).double()
+    reference.load_state_dict(model[:2].state_dict())
+    B = -P  # the reference descends along +y B, this library along -y P: the same rule with B = -P
+    _ReferenceDRTP.apply(reference(x), F.one_hot(y, 5).double(), B).sum().backward()
+    for g, p in zip(got, reference[0].parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+    # the default (mean) is the same update divided by the block output's N = batch x features
+    mean = LocalLearner(model, rule="drtp")
+    with mean.local_training(y):
+        model(x)
+    for g, p in zip(mean._pending[0], reference[0].parameters(), strict=True):
+        torch.testing.assert_close(g * (16 * 32), p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_drtp_reduction_is_validated():
+    with pytest.raises(ValueError, match="Invalid reduction 'max' for DRTP"):
+        DRTP(reduction="max")
+    assert create_rule("drtp_sum").reduction == "sum" and create_rule("drtp").reduction == "mean"

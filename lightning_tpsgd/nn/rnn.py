@@ -28,7 +28,7 @@ from .base import LocalContext, LocalModule
 __all__ = ["RNN"]
 
 #: Default projection kind for each rule (paper §2.4: binary rows for ℓ1, orthogonal rows for DRTP).
-RULE_PROJECTIONS: dict[str, str] = {"l1": "binary", "drtp": "orthogonal", "l2": "uniform"}
+RULE_PROJECTIONS: dict[str, str] = {"l1": "binary", "drtp": "orthogonal", "drtp_sum": "orthogonal", "l2": "uniform"}
 _TIME_REDUCTIONS = ("sum", "mean")
 _INITS = ("uniform", "zeros")
 _GRAD_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -513,7 +513,8 @@ def _local_cell(
     # the projection by position: targets[p] = B_s (C, H) for the step s the cell takes at position p
     targets = (P.flip(1) if reverse else P).to(x.dtype).transpose(0, 1)
     targets = (targets - targets.mean(1, keepdim=True) if center else targets).contiguous()
-    vectorised = type(rule) in _ELEMENTWISE_RULES  # a mean over elements: one call covers a whole chunk
+    # a mean over elements: one call covers a whole chunk (a sum over elements goes step by step)
+    vectorised = type(rule) in _ELEMENTWISE_RULES and getattr(rule, "reduction", "mean") == "mean"
     per_step = None if vectorised else _rule_grad(rule)
     h = h0
     for s0 in range(0, seq_len, chunk_size):
