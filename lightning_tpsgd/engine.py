@@ -99,6 +99,9 @@ class Block:
             its own projections, so ``projection`` stays ``None``).
         functional_activation: the traced forward applies an activation function (``F.relu``, ``torch.tanh``)
             between the layer and the next trainable layer, outside any activation module.
+        tap_shape: per-sample shape of the output at a function-activation tap (``tap`` is ``None``): the layer's
+            output shape when only a flatten lies between (``F.relu(conv(x)).flatten(1)``), else the shape the
+            next layer receives.
     """
 
     index: int
@@ -114,6 +117,7 @@ class Block:
     target_scale: float = 1.0
     local_projection: str | None = None
     functional_activation: bool = False
+    tap_shape: tuple[int, ...] | None = None
 
     @property
     def is_local_module(self) -> bool:
@@ -593,12 +597,15 @@ class LocalLearner:
                 )
             block.target = opts["target"]
             block.target_scale = scale
+            block.tap = block.layer if block.is_local_module else _tap_of(block, block.target, strict=strict)
+            flat = block.tap is None and len(block.tap_shape or ()) < 2  # pooled and flattened before the tap
+            if is_conv and flat and opts["projection"] == conv_projection and conv_projection == "filter":
+                opts["projection"] = projection  # a filter projection needs the map: the dense one instead
             if opts["projection"] is not None and block.is_local_module:
                 create_projection(opts["projection"], self.num_classes, scale)  # validates the name
                 block.local_projection = opts["projection"]
             elif opts["projection"] is not None:
                 block.projection = create_projection(opts["projection"], self.num_classes, scale)
-            block.tap = block.layer if block.is_local_module else _tap_of(block, block.target, strict=strict)
         if not strict:  # registration order: the output layer may still turn out to be hidden
             matched |= {p for p in overrides for b in self.blocks if fnmatch.fnmatchcase(b.name, p)}
         unmatched = [p for p in overrides if p not in matched]
@@ -749,7 +756,7 @@ class LocalLearner:
         """End ``block`` where the next layer receives ``inputs``: its local step if it taps there; detach them."""
         if block.tap is None and block.index not in self._done and not block.is_local_module:
             self._done.add(block.index)
-            h = _first_tensor(inputs)
+            h = _as_tap(block, _first_tensor(inputs))
             if h is not None:
                 self._update(block, h)
             if self._stop_after(block):
@@ -1156,7 +1163,11 @@ class LocalLearner:
         idle = [p for _, m in _leaf_modules(self.model) if id(m) not in called for p in m.parameters()]
         _check_direct_parameters(self.model, blocks, extra=idle)
         for block in blocks[:-1]:  # an activation function on the way to the next layer (F.relu)?
-            block.functional_activation = _scan_graph(trace.inputs.get(id(block.layer)))[1]
+            x, out = trace.inputs.get(id(block.layer)), trace.outputs.get(id(block.layer))
+            block.functional_activation = _scan_graph(x)[1]
+            if isinstance(x, Tensor) and x.ndim >= 1:
+                flattened = isinstance(out, Tensor) and x.ndim < out.ndim and x[0].numel() == out[0].numel()
+                block.tap_shape = tuple(out.shape[1:]) if flattened else tuple(x.shape[1:])
         self.blocks = blocks
         self.hidden = [b for b in blocks if not b.is_output]
         same_classes = True
@@ -1473,7 +1484,9 @@ def _check_locality(blocks: list[Block], trace: _Trace, result: Any, outputs: Se
     outs = {}
     for block in blocks:
         if not block.is_output and not block.is_local_module:
-            outs[block.index] = out = _traced_output(block, trace)
+            # the tensor the forward itself holds (a function-activation tap is viewed in its block's shape later)
+            out = trace.inputs.get(id(block.layer)) if block.tap is None else _traced_output(block, trace)
+            outs[block.index] = out
             if isinstance(out, Tensor) and out.grad_fn is not None:
                 taps[out.grad_fn] = block
     for block in blocks:
@@ -1514,6 +1527,13 @@ def _check_locality(blocks: list[Block], trace: _Trace, result: Any, outputs: Se
         )
 
 
+def _as_tap(block: Block, h: Tensor | None) -> Tensor | None:
+    """The next layer's input ``h`` seen as the block output at a function-activation tap (see ``tap_shape``)."""
+    if h is None or block.tap_shape is None or tuple(h.shape[1:]) == block.tap_shape:
+        return h
+    return h.reshape(h.shape[0], *block.tap_shape)
+
+
 def _tap_name(block: Block) -> str:
     return next((n for n, m in block.followers if m is block.tap), block.name)
 
@@ -1521,7 +1541,7 @@ def _tap_name(block: Block) -> str:
 def _traced_output(block: Block, trace: _Trace) -> Any:
     """The traced batch's output of ``block`` at its tap."""
     if block.tap is None:
-        return trace.inputs.get(id(block.layer))
+        return _as_tap(block, trace.inputs.get(id(block.layer)))
     if block.tap is block.layer:
         return trace.outputs.get(id(block.layer))
     return next(out for _, m, out in trace.runs[id(block.layer)] if m is block.tap)

@@ -796,3 +796,38 @@ def test_a_skip_into_the_loss_is_an_error():
 
     with pytest.raises(RuntimeError, match=r"The model's loss depends on hidden block\(s\) \['a'\]"):
         LocalLearner(Skip(), num_classes=4).step(torch.rand(3, 4), torch.tensor([0, 1, 2]))
+
+
+class FunctionalCNN(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pool = pool
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)
+        self.fc = nn.Linear(6 * (2 if pool else 4) ** 2, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.fc((F.max_pool2d(x, 2) if self.pool else x).flatten(1))
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_cnn_with_functional_activations_trains_post_activation(pool):
+    model = FunctionalCNN(pool)
+    learner = LocalLearner(model, rule="l2", optimizer=sgd())
+    x, y = batch()
+    learner.step(x, y)  # traced
+    learner.optimizer.zero_grad()
+    with learner.local_training(y):
+        model(x)
+    c1, c2 = learner.hidden
+    # a flatten alone keeps the conv map (filter projection); pooling first leaves the flat vector (dense projection)
+    assert c1.projection.name == "filter" and c1.projection.P.shape == (10, 4, 6, 6)
+    assert (c2.projection.name, c2.projection.P.shape) == (("uniform", (10, 24)) if pool else ("filter", (10, 6, 4, 4)))
+    h1 = F.relu(model.c1(x))
+    h2 = F.relu(model.c2(h1.detach()))
+    h2 = F.max_pool2d(h2, 2).flatten(1) if pool else h2
+    for block, h in ((c1, h1), (c2, h2)):
+        expected = torch.autograd.grad(tpsgd_l2(h, block.projection.P[y]), list(block.layer.parameters()))
+        for g, e in zip(learner._pending[block.index], expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
