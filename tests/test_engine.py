@@ -831,3 +831,24 @@ def test_a_cnn_with_functional_activations_trains_post_activation(pool):
         expected = torch.autograd.grad(tpsgd_l2(h, block.projection.P[y]), list(block.layer.parameters()))
         for g, e in zip(learner._pending[block.index], expected, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def test_frozen_layers_pass_through_and_uncalled_layers_are_named():
+    class WithAuxiliaryHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.frozen = nn.Linear(64, 64).requires_grad_(False)
+            self.body = nn.Sequential(nn.Linear(64, 8), nn.ReLU())
+            self.head, self.aux = nn.Linear(8, 3), nn.Linear(8, 3)  # aux: used only outside training
+
+        def forward(self, x):
+            return self.head(self.body(torch.relu(self.frozen(x.flatten(1)))))
+
+    model = WithAuxiliaryHead()
+    frozen, aux = model.frozen.weight.clone(), model.aux.weight.clone()
+    learner = LocalLearner(model, optimizer=sgd())
+    with pytest.warns(UserWarning, match=r"Trainable layers \['aux'\] were not called by the training forward"):
+        logs = learner.step(torch.rand(6, 64), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert set(logs) == {"body.0", "loss"} and [b.name for b in learner.blocks] == ["body.0", "head"]
+    assert torch.equal(model.frozen.weight, frozen) and torch.equal(model.aux.weight, aux)
