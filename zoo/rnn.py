@@ -109,7 +109,8 @@ _ARGS_DOC = """
         input_size: Features per time step F (28 for Seq-MNIST rows, 1 for pixels and EEG, 1000 for one-hot
             tweets).
         hidden_size: Hidden units H of every recurrent layer (512 in the paper).
-        nonlinearity: ``"sigmoid"`` (the paper's cell) or ``"tanh"``.
+        nonlinearity: ``"sigmoid"`` (the paper's cell, this zoo's default so the paper's tables reproduce) or
+            ``"tanh"`` (the default of :class:`lightning_tpsgd.nn.RNN` itself, as of :class:`torch.nn.RNN`).
         time_reduction: ``"sum"`` or ``"mean"`` of the per-step pseudo-gradients (see
             :class:`lightning_tpsgd.nn.RNN`).
         projection: Projection kind of the recurrent targets; ``None`` picks it from the rule.
