@@ -852,3 +852,25 @@ def test_frozen_layers_pass_through_and_uncalled_layers_are_named():
         logs = learner.step(torch.rand(6, 64), torch.tensor([0, 1, 2, 0, 1, 2]))
     assert set(logs) == {"body.0", "loss"} and [b.name for b in learner.blocks] == ["body.0", "head"]
     assert torch.equal(model.frozen.weight, frozen) and torch.equal(model.aux.weight, aux)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_residual_trains_once_its_skip_is_detached_as_the_error_says(detach):
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp, self.fc, self.out, self.act = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3), nn.ReLU()
+
+        def forward(self, x):
+            a = self.act(self.inp(x))
+            return self.out(self.act(self.fc(a) + (a.detach() if detach else a)))
+
+    learner = LocalLearner(Residual(), optimizer=sgd())
+    x, y = torch.rand(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    if not detach:
+        with pytest.raises(RuntimeError, match=r"block 'fc' \(at its tap 'act'\) depends on block\(s\) \['inp'\]"):
+            learner.step(x, y)
+        return
+    for _ in range(2):
+        assert set(learner.step(x, y)) == {"inp", "fc", "loss"}
