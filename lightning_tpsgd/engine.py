@@ -531,7 +531,7 @@ class LocalLearner:
         self._epochs_spec = epochs_per_layer
         self.epochs_per_layer = _stage_epochs(schedule, epochs_per_layer, len(self.hidden) + 1)
         self._config = (rule, projection, conv_projection, target, target_scale, dict(overrides or {}))
-        self._configure_blocks(*self._config, strict=False)
+        self._configure_blocks(strict=False)
         self._optimizer_spec = optimizer
         self.optimizer: torch.optim.Optimizer | None = None  # created by the first step()
         self._attached: list[torch.optim.Optimizer] = []  # receive the learned projections as param groups
@@ -555,65 +555,83 @@ class LocalLearner:
         self.set_epoch(0)
 
     # ------------------------------------------------------------------ configuration
-    def _configure_blocks(
-        self,
-        rule: RuleSpec,
-        projection: str,
-        conv_projection: str,
-        target: str,
-        target_scale: float,
-        overrides: Mapping[str, Mapping[str, Any]],
-        strict: bool = True,
-    ) -> None:
-        matched: set[str] = set()
+    def _configure_blocks(self, strict: bool = True) -> None:
+        """Configure every hidden block (rule, projection, tap) from the options and ``overrides``."""
         for block in self.blocks:
-            block.rule, block.projection, block.tap, block.local_projection = None, None, None, None
+            if block.is_output:
+                block.rule, block.projection, block.tap, block.local_projection = None, None, None, None
+        matched: set[str] = set()
         for block in self.hidden:
-            opts: dict[str, Any] = {"rule": rule, "target": target, "target_scale": target_scale}
-            is_conv = isinstance(block.layer, _CONV_LAYERS)
-            opts["projection"] = (
-                (projection if conv_projection == "naive" else conv_projection) if is_conv else projection
-            )
-            if isinstance(block.layer, LocalModule):
-                opts["projection"] = None  # a LocalModule asks for its own projections
-            for pattern, extra in overrides.items():
-                if fnmatch.fnmatchcase(block.name, pattern):
-                    unknown = set(extra) - set(_OVERRIDE_KEYS)
-                    if unknown:
-                        raise ValueError(
-                            f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; valid keys: {_OVERRIDE_KEYS}."
-                        )
-                    opts.update(extra)
-                    matched.add(pattern)
-            _check_choice(f"target of block '{block.name}'", opts["target"], _TARGETS)
-            scale = float(opts["target_scale"])
-            if not math.isfinite(scale) or scale <= 0:
-                raise ValueError(f"target_scale of block '{block.name}' must be positive and finite, got {scale}.")
-            block.rule = create_rule(opts["rule"])
-            if block.rule.learns_projection and (block.is_local_module or self.lean):
-                raise ValueError(
-                    f"Rule {block.rule!r} of block '{block.name}' learns its projection, which needs a Linear or "
-                    "Conv block (not a LocalModule) and a stored projection (lean=False)."
-                )
-            block.target = opts["target"]
-            block.target_scale = scale
-            block.tap = block.layer if block.is_local_module else _tap_of(block, block.target, strict=strict)
-            flat = block.tap is None and len(block.tap_shape or ()) < 2  # pooled and flattened before the tap
-            if is_conv and flat and opts["projection"] == conv_projection and conv_projection == "filter":
-                opts["projection"] = projection  # a filter projection needs the map: the dense one instead
-            if opts["projection"] is not None and block.is_local_module:
-                create_projection(opts["projection"], self.num_classes, scale)  # validates the name
-                block.local_projection = opts["projection"]
-            elif opts["projection"] is not None:
-                block.projection = create_projection(opts["projection"], self.num_classes, scale)
+            matched |= self._configure_block(block, strict)
+        self._check_overrides(matched, strict)
+
+    def _check_overrides(self, matched: set[str], strict: bool) -> None:
+        overrides = self._config[5]
         if not strict:  # registration order: the output layer may still turn out to be hidden
-            matched |= {p for p in overrides for b in self.blocks if fnmatch.fnmatchcase(b.name, p)}
+            matched = matched | {p for p in overrides for b in self.blocks if fnmatch.fnmatchcase(b.name, p)}
         unmatched = [p for p in overrides if p not in matched]
         if unmatched:
             raise ValueError(
                 f"overrides name layers that are not hidden trainable layers: {unmatched}. "
                 f"Hidden layers: {[b.name for b in self.hidden]}."
             )
+
+    def _configure_block(self, block: Block, strict: bool) -> set[str]:
+        """Rule, target, projection and tap of one hidden block; returns the ``overrides`` patterns it matched.
+
+        A projection built already (restored from a checkpoint, or by the traced batch) is kept when it is of
+        the same kind and number of classes.
+        """
+        rule, projection, conv_projection, target, target_scale, overrides = self._config
+        old = block.projection
+        block.rule, block.projection, block.tap, block.local_projection = None, None, None, None
+        matched: set[str] = set()
+        opts: dict[str, Any] = {"rule": rule, "target": target, "target_scale": target_scale}
+        is_conv = isinstance(block.layer, _CONV_LAYERS)
+        opts["projection"] = (projection if conv_projection == "naive" else conv_projection) if is_conv else projection
+        if isinstance(block.layer, LocalModule):
+            opts["projection"] = None  # a LocalModule asks for its own projections
+        for pattern, extra in overrides.items():
+            if fnmatch.fnmatchcase(block.name, pattern):
+                unknown = set(extra) - set(_OVERRIDE_KEYS)
+                if unknown:
+                    raise ValueError(
+                        f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; valid keys: {_OVERRIDE_KEYS}."
+                    )
+                opts.update(extra)
+                matched.add(pattern)
+        _check_choice(f"target of block '{block.name}'", opts["target"], _TARGETS)
+        scale = float(opts["target_scale"])
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"target_scale of block '{block.name}' must be positive and finite, got {scale}.")
+        block.rule = create_rule(opts["rule"])
+        if block.rule.learns_projection and (block.is_local_module or self.lean):
+            raise ValueError(
+                f"Rule {block.rule!r} of block '{block.name}' learns its projection, which needs a Linear or "
+                "Conv block (not a LocalModule) and a stored projection (lean=False)."
+            )
+        block.target = opts["target"]
+        block.target_scale = scale
+        block.tap = block.layer if block.is_local_module else _tap_of(block, block.target, strict=strict)
+        flat = block.tap is None and len(block.tap_shape or ()) < 2  # pooled and flattened before the tap
+        if is_conv and flat and opts["projection"] == conv_projection and conv_projection == "filter":
+            opts["projection"] = projection  # a filter projection needs the map: the dense one instead
+        if opts["projection"] is not None and block.is_local_module:
+            create_projection(opts["projection"], self.num_classes, scale)  # validates the name
+            block.local_projection = opts["projection"]
+        elif opts["projection"] is not None:
+            block.projection = create_projection(opts["projection"], self.num_classes, scale)
+            if (
+                old is not None
+                and old.is_built
+                and old.name == block.projection.name
+                and old.P is not None
+                and old.P.shape[0] == self.num_classes
+            ):
+                block.projection = old
+                if isinstance(old.P, nn.Parameter) and not any(p is old.P for p in block.params):
+                    block.params.append(old.P)
+        return matched
 
     def _attach(self) -> list[Any]:
         """The hooks of the traced plan: a boundary pre-hook on every layer, a tap hook on every module tap."""
@@ -992,7 +1010,7 @@ class LocalLearner:
         self._losses = {}
         self._current, self._stopped = None, False
         if tracing:
-            self._start_trace()
+            self._start_trace(self._labels)
         trained = self._stage_blocks()
         local_modules = [b for b in self.hidden if b.is_local_module and (tracing or b.index in trained)]
         for block in local_modules:
@@ -1047,19 +1065,36 @@ class LocalLearner:
         self._pending.clear()
 
     # ------------------------------------------------------------------ tracing the first batch
-    def _start_trace(self) -> None:
-        """Hook every leaf module to record, in call order, the layers and what runs between them."""
-        trace = self._trace = _Trace()
+    def _start_trace(self, labels: Tensor) -> None:
+        """Hook every leaf module to record, in call order, the layers and what runs between them.
+
+        Each hidden block is configured and trained at once when the next layer is called (its graph is freed
+        there, as on every later batch), unless ``num_classes`` may still change with the output layer found by
+        the trace (it was inferred, labels reach past it, and a rule learns its projection): those updates then
+        wait for the end of the forward.
+        """
+        trace = self._trace = _Trace(by_layer={id(b.layer): b for b in self.blocks})
+        if not self._num_classes_given and not self._output_layers:
+            # the output layer is not known yet: guess the narrowest Linear layer (a classifier's head),
+            # whatever the registration order; the end of the forward checks the guess
+            widths = [b.layer.out_features for b in self.blocks if isinstance(b.layer, nn.Linear)]
+            if widths and min(widths) >= 2:
+                self.num_classes = min(widths)
+        rule, overrides = self._config[0], self._config[5]
+        learns = any(
+            create_rule(r).learns_projection for r in [rule, *(o["rule"] for o in overrides.values() if "rule" in o)]
+        )
+        fits = not labels.numel() or int(labels.max()) < self.num_classes  # the first step may read the device
+        trace.immediate = self._num_classes_given or bool(self._output_layers) or (fits and not learns)
         self._set_frozen(frozen=set())  # every block builds its graph on the traced batch; the stage comes after
-        layers = {id(b.layer) for b in self.blocks}
         seen: set[int] = set()
         for name, module in _leaf_modules(self.model):
             if id(module) in seen:
                 continue
             seen.add(id(module))
-            is_layer = id(module) in layers
+            is_layer = id(module) in trace.by_layer
             if is_layer:
-                trace.handles.append(module.register_forward_pre_hook(self._make_trace_pre_hook(name)))
+                trace.handles.append(module.register_forward_pre_hook(self._make_trace_pre_hook(name), prepend=True))
             trace.handles.append(module.register_forward_hook(self._make_trace_hook(name, is_layer)))
 
     def _abort_trace(self) -> None:
@@ -1067,6 +1102,8 @@ class LocalLearner:
         for handle in self._trace.handles:
             handle.remove()
         self._trace = None
+        for index, block in enumerate(self.blocks):  # back to the provisional plan: the next batch traces again
+            block.index = index
         self._pending.clear()
         self._applied_stage = None
         self.set_epoch(self._epoch)
@@ -1084,13 +1121,13 @@ class LocalLearner:
                     "requires_grad_(False), or train this model with backpropagation (strategy='auto')."
                 )
             previous, trace.current = trace.current, module
+            trace.by_layer[id(module)].index = len(trace.calls)  # call order from here on
             trace.calls.append(module)
             trace.runs[id(module)] = []
             trace.names[id(module)] = name
             if previous is None or (self._output_layers and trace.names[id(previous)] in self._output_layers):
                 return None
-            trace.inputs[id(previous)] = _first_tensor(inputs)
-            return _detached(inputs)
+            return self._trace_boundary(trace.by_layer[id(previous)], inputs, name)
 
         return hook
 
@@ -1110,13 +1147,55 @@ class LocalLearner:
 
         return hook
 
+    def _trace_boundary(self, block: Block, inputs: tuple[Any, ...], following: str) -> tuple[Any, ...]:
+        """The traced batch reaches the next layer after hidden ``block``: configure, check and train it now."""
+        trace = self._trace
+        assert trace is not None
+        x = _first_tensor(inputs)
+        run = trace.runs[id(block.layer)]
+        out = trace.outputs.pop(id(block.layer), None)
+        block.followers = [(n, m) for n, m, _ in run]
+        block.is_output = False
+        _set_block_params(block)
+        block.functional_activation = _scan_graph(x)[1]
+        if isinstance(x, Tensor) and x.ndim >= 1:
+            flattened = isinstance(out, Tensor) and x.ndim < out.ndim and x[0].numel() == out[0].numel()
+            block.tap_shape = tuple(out.shape[1:]) if flattened else tuple(x.shape[1:])
+        trace.matched |= self._configure_block(block, strict=True)
+        trace.configured.add(id(block))
+        hidden_index, trace.hidden_count = trace.hidden_count, trace.hidden_count + 1
+        if not block.is_local_module:
+            if block.tap is None:
+                raw: Any = x
+            elif block.tap is block.layer:
+                raw = out
+            else:
+                raw = next(o for _, m, o in run if m is block.tap)
+            _check_block_locality(block, raw, trace.markers, trace.owner, following)
+            if isinstance(raw, Tensor) and raw.grad_fn is not None:
+                trace.markers[raw.grad_fn] = block
+            if self._stage is None or self._stage == hidden_index:
+                h = _as_tap(block, raw) if block.tap is None else raw
+                if not isinstance(h, Tensor) or not h.requires_grad:
+                    raise RuntimeError(
+                        f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
+                        "training needs grad mode for the block's own graph."
+                    )
+                if trace.immediate:
+                    self._local_update(block, h)
+                else:
+                    trace.deferred.append((block, h))
+        trace.owner.update({id(p): block for p in block.params})
+        trace.runs[id(block.layer)] = [(n, m, None) for n, m, _ in run]  # release the block's tensors
+        return _detached(inputs)
+
     def _finish_trace(self, result: Any) -> None:
-        """Build the blocks from the traced forward, check that they can be trained locally, and train them.
+        """Fix the blocks found by the traced forward, check that the loss stays local, and finish its updates.
 
         Blocks follow the *call* order of the trainable layers; a block's followers are the modules called
         between its layer and the next one; the output layer is the last one called (unless
-        ``output_layers`` names them) and gives ``num_classes`` unless it was passed. The local gradients of
-        the traced batch are computed now, from the graphs the forward kept.
+        ``output_layers`` names them) and gives ``num_classes`` unless it was passed. Hidden blocks were
+        configured and (usually) trained when the next layer was called (:meth:`_trace_boundary`).
 
         Raises:
             ValueError: a layer or norm called in several places, a trainable norm called before any layer.
@@ -1134,12 +1213,8 @@ class LocalLearner:
             if self.validate:
                 _check_labels(self._labels, self.num_classes, self._batch)
             return
-        by_layer = {id(b.layer): b for b in self.blocks}
-        provisional = {b.index: b for b in self.blocks}
-        was_hidden = {b.name for b in self.hidden}
-        kept = {b.name: b.projection for b in self.hidden if b.projection is not None}
         _check_traced_modules(trace)
-        blocks = [by_layer[id(m)] for m in trace.calls]
+        blocks = [trace.by_layer[id(m)] for m in trace.calls]
         names = [b.name for b in blocks]
         outputs = self._output_layers or [names[-1]]
         missing = [o for o in outputs if o not in names]
@@ -1152,9 +1227,9 @@ class LocalLearner:
                 "(as with backpropagation). Freeze them with requires_grad_(False) to silence this.",
                 stacklevel=2,
             )
-        pending = [(provisional[i], g) for i, g in self._pending.items()]  # LocalModules of the traced batch
-        for index, block in enumerate(blocks):
-            block.index = index
+        for block in blocks:
+            if id(block) in trace.configured:
+                continue
             block.followers = [(n, m) for n, m, _ in trace.runs[id(block.layer)]]
             block.is_output = block.name in outputs
             _set_block_params(block)
@@ -1162,63 +1237,46 @@ class LocalLearner:
         called |= {id(m) for run in trace.runs.values() for _, m, _ in run}
         idle = [p for _, m in _leaf_modules(self.model) if id(m) not in called for p in m.parameters()]
         _check_direct_parameters(self.model, blocks, extra=idle)
-        for block in blocks[:-1]:  # an activation function on the way to the next layer (F.relu)?
-            x, out = trace.inputs.get(id(block.layer)), trace.outputs.get(id(block.layer))
-            block.functional_activation = _scan_graph(x)[1]
-            if isinstance(x, Tensor) and x.ndim >= 1:
-                flattened = isinstance(out, Tensor) and x.ndim < out.ndim and x[0].numel() == out[0].numel()
-                block.tap_shape = tuple(out.shape[1:]) if flattened else tuple(x.shape[1:])
         self.blocks = blocks
         self.hidden = [b for b in blocks if not b.is_output]
-        same_classes = True
+        changed = False
         if not self._num_classes_given:
             inferred = _infer_num_classes(blocks)
-            same_classes = inferred == self.num_classes
-            self.num_classes = inferred
+            changed, self.num_classes = inferred != self.num_classes, inferred
             if self.num_classes < 2:
                 raise ValueError(f"num_classes must be at least 2, got {self.num_classes}; pass num_classes=.")
         self.epochs_per_layer = _stage_epochs(self.schedule, self._epochs_spec, len(self.hidden) + 1)
-        self._configure_blocks(*self._config, strict=True)
-        _check_locality(self.blocks, trace, result, outputs)
-        for block in self.hidden:  # keep projections built already (restored from a checkpoint)
-            old = kept.get(block.name)
-            if same_classes and old is not None and old.is_built and block.projection is not None:
-                if old.name == block.projection.name:
-                    block.projection = old
-                    if isinstance(old.P, nn.Parameter):
-                        block.params.append(old.P)
+        matched = set(trace.matched)
+        for block in blocks:
+            if block.is_output:
+                block.rule, block.projection, block.tap, block.local_projection = None, None, None, None
+            elif changed or id(block) not in trace.configured:  # new classes: new projections
+                matched |= self._configure_block(block, strict=True)
+        self._check_overrides(matched, strict=True)
+        _check_output_locality(self.blocks, result, trace.markers, outputs)
         hidden_names = {b.name for b in self.hidden}
         self._projections = {
             name: p
             for name, p in self._projections.items()
-            if ":" in name and same_classes and name.split(":")[0] in hidden_names
+            if ":" in name and not changed and name.split(":")[0] in hidden_names
         }
         self._projections.update({b.name: b.projection for b in self.hidden if b.projection is not None})
         self._applied_stage = None
         self.set_epoch(self._epoch)
         trained = self._stage_blocks()
-        self._pending = {
-            b.index: g
-            for b, g in pending
-            if same_classes and b.name in was_hidden and not b.is_output and b.index in trained
-        }
-        self._losses = {name: loss for name, loss in self._losses.items() if name in {b.name for b in self.hidden}}
+        if changed:  # the first updates used a guess of num_classes from the registration order: drop them
+            self._pending.clear()
+        self._pending = {i: g for i, g in self._pending.items() if i in trained and not self.blocks[i].is_output}
+        self._losses = {name: loss for name, loss in self._losses.items() if name in hidden_names and not changed}
         if self.grad_sync is not None:
             for index, grads in self._pending.items():
                 self.grad_sync.local(self.blocks[index], grads)
         _check_num_classes(blocks, self.num_classes)
         if self.validate:
             _check_labels(self._labels, self.num_classes, self._batch)
-        for block in self.hidden:
-            if block.is_local_module or block.index not in trained:
-                continue
-            h = _traced_output(block, trace)
-            if not isinstance(h, Tensor) or not h.requires_grad:
-                raise RuntimeError(
-                    f"Block '{block.name}' ran under torch.no_grad() during a training step; local "
-                    "training needs grad mode for the block's own graph."
-                )
-            self._local_update(block, h)
+        for block, h in trace.deferred:
+            if block.index in trained:
+                self._local_update(block, h)
         self._handles = self._attach()
         self._traced = True
         self._stopped = self._stage is not None and self._stage < len(self.hidden)
@@ -1391,6 +1449,14 @@ class _Trace:
     before: list[tuple[str, nn.Module]] = field(default_factory=list)  # modules called before any layer
     current: nn.Module | None = None
     handles: list[Any] = field(default_factory=list)
+    by_layer: dict[int, Block] = field(default_factory=dict)  # id(layer) -> its block
+    immediate: bool = True  # train each hidden block at its boundary (else at the end of the forward)
+    deferred: list[tuple[Block, Tensor]] = field(default_factory=list)  # (block, output at its tap)
+    configured: set[int] = field(default_factory=set)  # id(block) of the blocks configured at their boundary
+    matched: set[str] = field(default_factory=set)  # overrides patterns matched so far
+    hidden_count: int = 0
+    markers: dict[Any, Block] = field(default_factory=dict)  # grad_fn of each hidden block's tap output
+    owner: dict[int, Block] = field(default_factory=dict)  # id(parameter) -> block, for blocks finished so far
 
 
 #: autograd nodes of activation functions (``ReluBackward0`` ...): a functional activation between two layers
@@ -1472,51 +1538,43 @@ def _check_traced_modules(trace: _Trace) -> None:
             owners[id(module)] = trace.names[id(layer)]
 
 
-def _check_locality(blocks: list[Block], trace: _Trace, result: Any, outputs: Sequence[str]) -> None:
-    """No gradient may cross blocks once every block is detached at its tap and at the next layer's input.
+def _check_block_locality(
+    block: Block, out: Any, markers: Mapping[Any, Block], owner: Mapping[int, Block], following: str
+) -> None:
+    """A block's output (at its tap) may depend on earlier blocks only through its layer's input.
 
-    A block's output (at its tap) may depend on other blocks only through its layer's input: anything else
-    is a skip connection into the block. Several blocks' outputs may meet at a layer's input (a join, e.g.
-    a concatenation before the head). The loss may depend on hidden blocks only through their taps.
+    Anything else is a skip connection into the block. Several blocks' outputs may meet at a layer's input
+    (a join, e.g. a concatenation before the head): the engine detaches each at its tap.
     """
-    owner = {id(p): b for b in blocks for p in b.params}
-    taps = {}  # grad_fn of each hidden block's output at its tap: where the engine detaches it
-    outs = {}
-    for block in blocks:
-        if not block.is_output and not block.is_local_module:
-            # the tensor the forward itself holds (a function-activation tap is viewed in its block's shape later)
-            out = trace.inputs.get(id(block.layer)) if block.tap is None else _traced_output(block, trace)
-            outs[block.index] = out
-            if isinstance(out, Tensor) and out.grad_fn is not None:
-                taps[out.grad_fn] = block
-    for block in blocks:
-        if block.index not in outs:
-            continue
-        reached, met = _scan_graph(outs[block.index], stop=taps)
-        others = sorted(
-            {owner[i].name for i in reached if i in owner and owner[i] is not block} | {b.name for b in met}
+    reached, met = _scan_graph(out, stop=markers)
+    others = sorted({owner[i].name for i in reached if i in owner and owner[i] is not block} | {b.name for b in met})
+    if others:
+        where = f"its tap '{_tap_name(block)}'" if block.tap is not None else "the input of the next layer"
+        raise RuntimeError(
+            f"The output of block '{block.name}' (at {where}) depends on block(s) {others} other than through "
+            f"the input of '{block.name}': a skip connection across blocks (such as a residual "
+            "`out + identity`) would carry gradient from one block into another, which tpSGD cannot train "
+            "locally. Detach the skip where it is added (`out + identity.detach()`), put the skip inside one "
+            "lightning_tpsgd.nn.LocalModule, or train this model with backpropagation (strategy='auto')."
         )
-        if others:
-            where = f"its tap '{_tap_name(block)}'" if block.tap is not None else "the input of the next layer"
-            raise RuntimeError(
-                f"The output of block '{block.name}' (at {where}) depends on block(s) {others} other than through "
-                f"the input of '{block.name}': a skip connection across blocks (such as a residual "
-                "`out + identity`) would carry gradient from one block into another, which tpSGD cannot train "
-                "locally. Detach the skip where it is added (`out + identity.detach()`), put the skip inside one "
-                "lightning_tpsgd.nn.LocalModule, or train this model with backpropagation (strategy='auto')."
-            )
-        own = {id(p) for p in block.layer.parameters() if p.requires_grad}
-        if own and not reached & own:
-            following = blocks[block.index + 1].name
-            raise RuntimeError(
-                f"Block '{block.name}' does not feed '{following}', the trainable layer called after it: tpSGD "
-                "needs the layers to form a chain in call order (each one's input computed from the output of "
-                "the one called before it). Apply the activation as a module (nn.ReLU) so the block ends there, "
-                "reorder the forward, or freeze the branch with requires_grad_(False)."
-            )
-    reached = set()
+    own = {id(p) for p in block.layer.parameters() if p.requires_grad}
+    if own and not reached & own:
+        raise RuntimeError(
+            f"Block '{block.name}' does not feed '{following}', the trainable layer called after it: tpSGD "
+            "needs the layers to form a chain in call order (each one's input computed from the output of "
+            "the one called before it). Apply the activation as a module (nn.ReLU) so the block ends there, "
+            "reorder the forward, or freeze the branch with requires_grad_(False)."
+        )
+
+
+def _check_output_locality(
+    blocks: list[Block], result: Any, markers: Mapping[Any, Block], outputs: Sequence[str]
+) -> None:
+    """The loss may depend on hidden blocks only through their taps, where the engine detaches them."""
+    owner = {id(p): b for b in blocks for p in b.params}
+    reached: set[int] = set()
     for t in _tensors(result):
-        reached |= _scan_graph(t, stop=taps)[0]
+        reached |= _scan_graph(t, stop=markers)[0]
     leaked = sorted({owner[i].name for i in reached if i in owner and not owner[i].is_output})
     if leaked:
         raise RuntimeError(
@@ -1536,15 +1594,6 @@ def _as_tap(block: Block, h: Tensor | None) -> Tensor | None:
 
 def _tap_name(block: Block) -> str:
     return next((n for n, m in block.followers if m is block.tap), block.name)
-
-
-def _traced_output(block: Block, trace: _Trace) -> Any:
-    """The traced batch's output of ``block`` at its tap."""
-    if block.tap is None:
-        return _as_tap(block, trace.inputs.get(id(block.layer)))
-    if block.tap is block.layer:
-        return trace.outputs.get(id(block.layer))
-    return next(out for _, m, out in trace.runs[id(block.layer)] if m is block.tap)
 
 
 def _relu_slope(activation: nn.Module | None) -> float | None:

@@ -874,3 +874,33 @@ def test_a_residual_trains_once_its_skip_is_detached_as_the_error_says(detach):
         return
     for _ in range(2):
         assert set(learner.step(x, y)) == {"inp", "fc", "loss"}
+
+
+class _Packed:
+    """A saved tensor held by autograd, counted while alive."""
+
+    alive = 0
+
+    def __init__(self, t):
+        self.t = t
+        _Packed.alive += 1
+
+    def __del__(self):
+        _Packed.alive -= 1
+
+
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_the_traced_batch_frees_each_blocks_graph_when_the_next_layer_is_called(num_classes):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.LeakyReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 10)
+    )
+    learner = LocalLearner(model, rule="l2", num_classes=num_classes)
+    seen = []
+    model[5].register_forward_pre_hook(lambda m, i: seen.append(_Packed.alive))  # after the engine's own hook
+    x, y = batch()
+    with torch.autograd.graph.saved_tensors_hooks(_Packed, lambda p: p.t):
+        with learner.local_training(y):
+            model(x)
+    # when the output layer is called, the hidden blocks' graphs are gone: nothing they saved is alive
+    assert seen == [0]
