@@ -3,11 +3,13 @@
 Models are looked up by architecture name through a timm-style registry::
 
     >>> import zoo
-    >>> zoo.list_models()
-    ['birnn1', 'cnn2', 'convgrid', 'convnet4', 'mlp', 'mlp2', 'rnn1', 'rnn2', 'vgg11']
+    >>> zoo.list_models()  # doctest: +NORMALIZE_WHITESPACE
+    ['birnn1', 'cnn2', 'convgrid', 'convnet4', 'mlp', 'mlp2', 'resnet20', 'resnet32', 'resnet44', 'resnet56',
+     'rnn1', 'rnn2', 'vgg11']
     >>> net = zoo.create_model("cnn2", num_classes=10, in_chans=1, input_size=28)
 
-Importing ``zoo`` registers every model in :mod:`zoo.paper` and :mod:`zoo.rnn`. :class:`TimmAdaptor` trains
+Importing ``zoo`` registers every model in :mod:`zoo.paper`, :mod:`zoo.rnn` and :mod:`zoo.resnet_cifar` (the
+CIFAR ResNets of He et al. 2016, with offline pretrained CIFAR-10 weights). :class:`TimmAdaptor` trains
 tpSGD adaptors on a frozen timm backbone (:mod:`zoo.adaptor`); :func:`export_onnx` exports it.
 """
 
@@ -16,9 +18,11 @@ from zoo.adaptor import FeatureCache, TimmAdaptor, backbone_data_config, backbon
 from zoo.classifier import ImageClassifier, SequenceClassifier
 from zoo.export import export_onnx
 from zoo.paper import cnn2, convgrid, convnet4, mlp, mlp2, vgg11
+from zoo.resnet_cifar import CifarResNet, resnet20, resnet32, resnet44, resnet56
 from zoo.rnn import LastHidden, birnn1, rnn1, rnn2
 
 __all__ = [
+    "CifarResNet",
     "FeatureCache",
     "ImageClassifier",
     "LastHidden",
@@ -37,6 +41,10 @@ __all__ = [
     "mlp",
     "mlp2",
     "register_model",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
     "rnn1",
     "rnn2",
     "vgg11",
