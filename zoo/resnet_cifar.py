@@ -304,15 +304,29 @@ def _create_cifar_resnet(
     }
     model.pretrained_cfg = model.default_cfg  # timm's name for the same dict
     if path is not None:
-        state_dict = read_state_dict(path)
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{variant}: {str(path)!r} does not hold the weights of a CIFAR ResNet-{cfg['depth']} "
-                f"(is it another depth's file?). {err}"
-            ) from err
+        _load_pretrained(model, variant, path)
     return model
+
+
+def _load_pretrained(model: CifarResNet, variant: str, path: Path) -> None:
+    """``load_state_dict(strict=True)``; a file of another layout or depth gets a short message that says which."""
+    state_dict = read_state_dict(path)
+    what = f"{variant}: {str(path)!r} does not hold the weights of a CIFAR ResNet-{model.depth}"
+    own = [key for key in model.state_dict() if not key.endswith("num_batches_tracked")]  # optional in the file
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in model.state_dict()]
+    if missing or unexpected:
+        blocks = {key.split(".")[1] for key in state_dict if key.startswith("layer1.")}
+        guess = f"ResNet-{6 * len(blocks) + 2}" if blocks else "no CIFAR ResNet"
+        raise ValueError(
+            f"{what}: {len(missing)} of its keys are missing (e.g. {missing[:3]}) and {len(unexpected)} are "
+            f"unexpected (e.g. {unexpected[:3]}). Its layer1 has {len(blocks)} blocks, which looks like {guess}; "
+            "build the model whose depth matches the file."
+        )
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:  # same keys, other shapes
+        raise ValueError(f"{what}. {err}") from err
 
 
 _ENTRYPOINT_ARGS = """
