@@ -243,9 +243,9 @@ def _weights_file(variant: str, weights: str | os.PathLike | None) -> Path:
     cfg = default_cfgs[variant]
     names = (cfg["file"], cfg["original_file"])
     fix = (
-        f"Pass weights=<the file or its folder> or set {WEIGHTS_DIR_ENV}=<folder>. Nothing is downloaded: the file "
-        f"is {cfg['file']!r} from lightning-tpsgd's weight set, or the original {cfg['original_file']!r} from "
-        f"{cfg['source']}, which loads as is."
+        f"Pass weights=<the file or its folder> or set {WEIGHTS_DIR_ENV}=<folder>. Nothing is downloaded: fetch "
+        f"the original {cfg['original_file']!r} from {cfg['source']} yourself (it loads as is), or use a "
+        f"safetensors copy of it named {cfg['file']!r}."
     )
     if weights is None:
         folder = os.environ.get(WEIGHTS_DIR_ENV)
