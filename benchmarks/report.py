@@ -23,6 +23,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = [
+    ("defaults", "Defaults chosen by measurement: user-style models (`benchmarks/defaults.py`)"),
     ("table2", "Table 2: tpSGD vs ZORB vs LM-KARnet, 2-layer MLP on MNIST (`benchmarks/table2.py`)"),
     ("table2_tune", "Table 2 tuning on a training holdout (`benchmarks/table2.py --tune`)"),
     ("core", "Core and Table 3: MNIST / CIFAR-10 accuracy, speed and memory vs BP (`benchmarks/core.py`)"),

@@ -10,6 +10,36 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_defaults_quick_runs_end_to_end_and_resumes(tmp_path):
+    stem = tmp_path / "defaults"
+    cmd = [sys.executable, "-m", "benchmarks.defaults", "--quick", "--out", str(stem), "--seeds", "0"]
+    cmd += ["--rows", "mnist/cnn", "seqmnist/rnn", "--threads", "1"]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
+    store = json.loads(stem.with_suffix(".json").read_text())
+    runs = store["runs"]
+    assert set(runs) == {f"{row}/{m}/0" for row in ("mnist/cnn", "seqmnist/rnn") for m in ("tpsgd", "bp", "control")}
+    assert all(0 <= r["acc"] <= 100 for r in runs.values())
+    assert {b["layer"] for b in runs["mnist/cnn/tpsgd/0"]["blocks"]} == {"Conv2d", "Linear"}
+    assert "defaults" in runs["seqmnist/rnn/tpsgd/0"]  # the library defaults the run was measured under
+    text = stem.with_suffix(".md").read_text()
+    assert "| mnist · CNN, no pooling (the issue's) | 1 |" in text and "python -m benchmarks.defaults --quick" in text
+    extra = [*cmd, "--rows", "mnist/cnn", "--methods", "tpsgd", "tpsgd-l2@30"]
+    subprocess.run(extra, cwd=ROOT, check=True, timeout=600, capture_output=True)  # resumes: only the new run
+    again = json.loads(stem.with_suffix(".json").read_text())["runs"]
+    assert set(again) == set(runs) | {"mnist/cnn/tpsgd-l2@30/0"}
+    assert again["mnist/cnn/tpsgd/0"] == runs["mnist/cnn/tpsgd/0"]
+    assert "## Candidate defaults" in stem.with_suffix(".md").read_text()
+
+
+def test_defaults_measures_a_default_run_again_under_new_defaults(monkeypatch):
+    from benchmarks import defaults
+
+    monkeypatch.setattr(defaults, "library_defaults", lambda: {"rule": "auto"})
+    assert defaults._stale({"acc": 1.0, "defaults": {"rule": "ce"}}, "tpsgd")
+    assert not defaults._stale({"acc": 1.0, "defaults": {"rule": "auto"}}, "tpsgd")
+    assert not defaults._stale({"acc": 1.0}, "bp")
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.md"
