@@ -26,12 +26,13 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import lightning as L, torch
-    import lightning_tpsgd  # registers tpsgd_ddp
+    from lightning_tpsgd import TPSGDDDPStrategy, TPSGDStrategy
     from lightning_tpsgd.data import DigitsDataModule
     from zoo import ImageClassifier
 
-    out, strategy = sys.argv[1], sys.argv[4]
+    out, strategy, rule = sys.argv[1], sys.argv[4], sys.argv[6]
     devices, batch_size, epochs = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[5])
+    strategy = {"tpsgd": TPSGDStrategy, "tpsgd_ddp": TPSGDDDPStrategy}[strategy](rule=rule)
     L.seed_everything(0)
     dm = DigitsDataModule(batch_size=batch_size, flatten=True)
     model = ImageClassifier(model="mlp", model_kwargs={"in_features": 64, "hidden": [64, 32]}, lr=3e-3)
@@ -52,12 +53,15 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(out: Path, devices: int, batch_size: int, strategy: str, epochs: int = 4) -> dict:
-    """Train in a fresh process (Lightning launches the other ranks); returns rank 0's result."""
+def run(out: Path, devices: int, batch_size: int, strategy: str, epochs: int = 4, rule: str = "ce") -> dict:
+    """Train in a fresh process (Lightning launches the other ranks); returns rank 0's result.
+
+    ``rule``: the strategy's local rule; ``"ce"`` (what ``ddp.md`` was measured with) unless given.
+    """
     out.mkdir(parents=True, exist_ok=True)
     script = out / "train.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, str(script), str(out), str(devices), str(batch_size), strategy, str(epochs)]
+    cmd = [sys.executable, str(script), str(out), str(devices), str(batch_size), strategy, str(epochs), rule]
     done = subprocess.run(cmd, timeout=900, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stderr[-4000:]}")
@@ -82,7 +86,8 @@ def main() -> None:
     lines = [
         "# Data-parallel tpSGD on CPU (gloo): 2 processes vs 1, same global batch",
         "",
-        f"Command: `python -m benchmarks.ddp --epochs {args.epochs} --batch {args.batch}` (digits MLP 64-64-32-10).",
+        f"Command: `python -m benchmarks.ddp --epochs {args.epochs} --batch {args.batch}` "
+        "(digits MLP 64-64-32-10, rule `ce`).",
         "",
         "| run | test acc | optimizer steps | samples/s | parameters bit-identical across ranks |",
         "|---|---|---|---|---|",

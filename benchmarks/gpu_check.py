@@ -135,8 +135,9 @@ def _bp(model: nn.Module, graph: bool, x: torch.Tensor, y: torch.Tensor) -> Step
 def _tpsgd(model: nn.Module, method: str, options: dict) -> Step:
     outputs = getattr(model, "tpsgd_output_layers", None)
     graph = method.endswith("-graph")
-    learner = LocalLearner(
+    learner = LocalLearner(  # rule "ce": what gpu_check.md was measured with (lean mode has no learned rule)
         model,
+        rule="ce",
         output_layers=outputs,
         lean="lean" in method,
         compile="compile" in method,

@@ -39,7 +39,16 @@ from .nn.base import LocalContext, LocalModule
 from .projections import Projection, create_projection, list_projections
 from .rules import LocalRule, RuleSpec, create_rule
 
-__all__ = ["Block", "GradSync", "LocalLearner", "StopForward", "TRAINABLE_LAYERS", "cross_block_guard", "find_blocks"]
+__all__ = [
+    "AUTO_RULES",
+    "Block",
+    "GradSync",
+    "LocalLearner",
+    "StopForward",
+    "TRAINABLE_LAYERS",
+    "cross_block_guard",
+    "find_blocks",
+]
 
 #: Layer types the engine trains with a projected target.
 TRAINABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -49,6 +58,11 @@ _TORCH_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 _SCHEDULES = ("simultaneous", "layerwise")
 _TARGETS = ("post", "pre")
 _OVERRIDE_KEYS = ("rule", "target", "projection", "target_scale")
+#: The rule ``rule="auto"`` (the default) gives each kind of hidden block, chosen by measurement on models
+#: written as users write them (``benchmarks/defaults.py``; README, "Rules, and why the default is auto").
+#: ``"lean"``: Linear and Conv blocks in lean mode, which stores no projection and so cannot learn one. A
+#: :class:`~lightning_tpsgd.nn.LocalModule` names its own in ``tpsgd_auto_rule``.
+AUTO_RULES: dict[str, str] = {"linear": "learned", "conv": "learned", "lean": "ce"}
 
 
 class GradSync(Protocol):
@@ -223,6 +237,22 @@ def _check_direct_parameters(model: nn.Module, blocks: list[Block], extra: Seque
                 f"Parameter '{name}' is trainable but belongs to no supported layer, so no local rule can "
                 "train it. Put it in an nn.Linear/nn.Conv layer, or freeze it with requires_grad_(False)."
             )
+
+
+def _auto_rule(block: Block, lean: bool) -> str:
+    """The rule ``rule="auto"`` resolves to for ``block`` (see :data:`AUTO_RULES`)."""
+    if block.is_local_module:
+        return str(getattr(block.layer, "tpsgd_auto_rule", "ce"))
+    if lean:
+        return AUTO_RULES["lean"]
+    return AUTO_RULES["conv" if isinstance(block.layer, _CONV_LAYERS) else "linear"]
+
+
+def _rule_learns(rule: RuleSpec, lean: bool) -> bool:
+    """Whether ``rule`` may learn a block's projection (``"auto"``: if it picks such a rule for Linear or Conv)."""
+    if rule == "auto":
+        return not lean and any(create_rule(AUTO_RULES[kind]).learns_projection for kind in ("linear", "conv"))
+    return create_rule(rule).learns_projection
 
 
 def _tap_of(block: Block, target: str, strict: bool = True) -> nn.Module | None:
@@ -422,11 +452,13 @@ class LocalLearner:
             an error there.
         num_classes: C; default: ``out_features`` of the (first) output layer, the last trainable layer called.
             More classes than an output layer has outputs is an error (those classes could never be predicted).
-        rule: ``"ce"`` (default: cross-entropy over cosine similarities to the class targets, scale-free),
-            ``"learned"`` (cross-entropy of a linear readout initialised from ``P`` and trained with the block;
-            see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"`` (tpSGD-ℓ1), ``"drtp"``,
-            ``"drtp_sum"`` (DRTP summed like its reference code), a :class:`LocalRule`, or any callable
-            ``loss(output, target) -> scalar``.
+        rule: ``"auto"`` (default: per block kind, see :data:`AUTO_RULES`: ``"learned"`` for Linear and Conv
+            blocks, ``"ce"`` for them in lean mode, a LocalModule's ``tpsgd_auto_rule``: ``"ce"`` for
+            :class:`~lightning_tpsgd.nn.RNN`), ``"ce"`` (cross-entropy over cosine similarities to the
+            class targets, scale-free), ``"learned"`` (cross-entropy of a linear readout initialised from ``P``
+            and trained with the block; see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2),
+            ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, ``"drtp_sum"`` (DRTP summed like its reference code), a
+            :class:`LocalRule`, or any callable ``loss(output, target) -> scalar``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
         conv_projection: projection for Conv blocks: ``"filter"`` (default; the paper's filter-based
@@ -480,7 +512,7 @@ class LocalLearner:
         model: nn.Module,
         num_classes: int | None = None,
         *,
-        rule: RuleSpec = "ce",
+        rule: RuleSpec = "auto",
         projection: str = "uniform",
         conv_projection: str = "filter",
         target: str = "post",
@@ -604,7 +636,7 @@ class LocalLearner:
         scale = float(opts["target_scale"])
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"target_scale of block '{block.name}' must be positive and finite, got {scale}.")
-        block.rule = create_rule(opts["rule"])
+        block.rule = create_rule(_auto_rule(block, self.lean) if opts["rule"] == "auto" else opts["rule"])
         if block.rule.learns_projection and (block.is_local_module or self.lean):
             raise ValueError(
                 f"Rule {block.rule!r} of block '{block.name}' learns its projection, which needs a Linear or "
@@ -1082,7 +1114,7 @@ class LocalLearner:
                 self.num_classes = min(widths)
         rule, overrides = self._config[0], self._config[5]
         learns = any(
-            create_rule(r).learns_projection for r in [rule, *(o["rule"] for o in overrides.values() if "rule" in o)]
+            _rule_learns(r, self.lean) for r in [rule, *(o["rule"] for o in overrides.values() if "rule" in o)]
         )
         fits = not labels.numel() or int(labels.max()) < self.num_classes  # the first step may read the device
         trace.immediate = self._num_classes_given or bool(self._output_layers) or (fits and not learns)

@@ -173,11 +173,13 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
     """Train an unchanged LightningModule without global backpropagation, on one device.
 
     Args:
-        rule: local rule of the hidden blocks: ``"ce"`` (default, scale-free), ``"learned"`` (a linear
-            readout per block, initialised from its projection and trained with it by the module's
-            optimizer, as an extra parameter group), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"``, ``"drtp"``,
-            ``"drtp_sum"`` (DRTP at the reference code's scale: summed over batch and features, see
-            :class:`~lightning_tpsgd.rules.DRTP`) or a callable ``loss(output, target)``.
+        rule: local rule of the hidden blocks: ``"auto"`` (default: per block kind, ``"learned"`` for Linear
+            and Conv blocks, ``"ce"`` for them in lean mode and for ``lightning_tpsgd.nn.RNN``; see
+            ``engine.AUTO_RULES``), ``"ce"`` (scale-free), ``"learned"`` (a linear readout per block,
+            initialised from its projection and trained with it by the module's optimizer, as an extra
+            parameter group), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"``, ``"drtp"``, ``"drtp_sum"`` (DRTP at
+            the reference code's scale: summed over batch and features, see :class:`~lightning_tpsgd.rules.DRTP`)
+            or a callable ``loss(output, target)``.
         projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
             ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
         conv_projection: projection for Conv blocks, over their whole ``(K, H, W)`` output: ``"filter"``
@@ -216,7 +218,7 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
 
     def __init__(
         self,
-        rule: RuleSpec = "ce",
+        rule: RuleSpec = "auto",
         projection: str = "uniform",
         conv_projection: str = "filter",
         target: str = "post",
@@ -283,7 +285,7 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
 
     def __init__(
         self,
-        rule: RuleSpec = "ce",
+        rule: RuleSpec = "auto",
         projection: str = "uniform",
         conv_projection: str = "filter",
         target: str = "post",

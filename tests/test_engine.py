@@ -140,7 +140,7 @@ def test_scaling_the_model_loss_leaves_hidden_layers_bit_identical():
 
 def test_no_graph_crosses_blocks():
     model = cnn()
-    learner = LocalLearner(model)
+    learner = LocalLearner(model, rule="ce")  # a fixed projection: no optimizer needed for local_training
     x, y = batch()
     with learner.local_training(y):
         out = model(x)
@@ -155,6 +155,37 @@ def test_no_graph_crosses_blocks():
             reachable.add(id(fn.variable))
         stack.extend(f for f, _ in fn.next_functions)
     assert reachable == {id(p) for p in model[7].parameters()}
+
+
+def test_auto_rule_follows_the_block_kind():
+    def rules(learner):
+        return {b.name: b.rule.name for b in learner.hidden}
+
+    model = nn.Sequential(cnn()[:7], nn.Linear(54, 20), nn.ReLU(), nn.Linear(20, 10))
+    assert rules(LocalLearner(model)) == {"0.0": "learned", "0.4": "learned", "1": "learned"}  # Conv, Linear
+    assert rules(LocalLearner(model, lean=True)) == {"0.0": "ce", "0.4": "ce", "1": "ce"}  # lean: no learned P
+    pinned = LocalLearner(model, rule="l2", overrides={"0.4": {"rule": "auto"}})
+    assert rules(pinned) == {"0.0": "l2", "0.4": "learned", "1": "l2"}
+    learner = LocalLearner(model)  # the default trains end to end like an explicit rule="learned"
+    learner.step(*batch())
+    assert len(learner.learned_projections()) == 3
+
+    from lightning_tpsgd.nn import RNN
+
+    class Recurrent(nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn, self.head = rnn, nn.Linear(6, 10)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[1][-1])
+
+    assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)))) == {"rnn": "ce"}  # RNN.tpsgd_auto_rule
+
+    class L1RNN(RNN):
+        tpsgd_auto_rule = "l1"  # a LocalModule names its own
+
+    assert rules(LocalLearner(Recurrent(L1RNN(4, 6, batch_first=True)))) == {"rnn": "l1"}
 
 
 def test_learns_digits():
@@ -329,12 +360,12 @@ def test_layerwise_schedule_freezes_learned_projections():
 
 # ---------------------------------------------------------------- state
 def test_state_dict_restores_projections_before_and_after_build():
-    learner = LocalLearner(cnn(), seed=3)
+    learner = LocalLearner(cnn(), rule="ce", seed=3)  # fixed projections: they stay equal across steps
     learner.step(*batch())
     state = learner.state_dict()
     assert set(state["projections"]) == {"0", "4"}
 
-    fresh = LocalLearner(cnn(), seed=3)  # unbuilt: projections wait for the first batch
+    fresh = LocalLearner(cnn(), rule="ce", seed=3)  # unbuilt: projections wait for the first batch
     fresh.load_state_dict(state)
     fresh.step(*batch())
     for name in ("0", "4"):

@@ -45,6 +45,9 @@ class LocalModule(nn.Module):
     While its block trains locally, ``self.tpsgd_context`` holds a :class:`LocalContext`; ``forward``
     must then compute its own pseudo-gradients, hand them to ``context.submit`` and return outputs that
     carry no autograd graph. Otherwise (``tpsgd_context is None``) it is an ordinary differentiable module.
+
+    ``tpsgd_auto_rule`` names the rule the engine's ``rule="auto"`` (its default) gives the module.
     """
 
     tpsgd_context: LocalContext | None = None
+    tpsgd_auto_rule: str = "ce"
