@@ -423,6 +423,11 @@ def report_lines(store: dict[str, Any]) -> list[str]:
             f"| {title} | {1 if quick else r.epochs} | {_cell(cells['tpsgd'])} | {_cell(cells['bp'])} | "
             f"{_cell(cells['control'])} | {_bar(d_control, BARS['control'], +1)} | {_bar(d_bp, need_bp, -1)} |"
         )
+    misses = [m for row in rows for m in _misses(runs, row)]
+    if misses:
+        lines += ["", "Bars missed: " + "; ".join(misses) + "."]
+    elif rows:
+        lines += ["", "Every measured row meets both bars."]
     extra = sorted({k.split("/")[2] for k in runs if k.split("/")[2] not in BASE_METHODS})
     if extra:
         lines += [
@@ -452,10 +457,30 @@ def report_lines(store: dict[str, Any]) -> list[str]:
             "",
         ]
         for row, bl in blocks.items():
-            parts = [f"{b['name']} {b['rule']} @{b['tap']}" for b in bl if b["rule"] != "output"]
+            taps = {"–": "the next layer's input"}  # a functional activation: compared where the next layer reads
+            parts = [f"{b['name']} {b['rule']} @ {taps.get(b['tap'], b['tap'])}" for b in bl if b["rule"] != "output"]
             lines.append(f"- {row}: " + "; ".join(parts))
-    lines += ["", "Fit times (s, mean over seeds): " + ", ".join(_fit_times(runs, rows)) + "."]
+    lines += [
+        "",
+        "Fit times (s, mean over seeds; on a shared machine, not a speed benchmark): "
+        + ", ".join(_fit_times(runs, rows))
+        + ".",
+    ]
     return lines
+
+
+def _misses(runs: dict[str, Any], row: str) -> list[str]:
+    """The bars ``row`` misses, as ``"<row>: default − <reference> <delta> (bar ...)"``."""
+    means = {m: statistics.mean(v) for m in BASE_METHODS if (v := _accs(runs, row, m))}
+    if "tpsgd" not in means:
+        return []
+    out = []
+    if "control" in means and means["tpsgd"] - means["control"] < BARS["control"]:
+        out.append(f"{row}: default − control {means['tpsgd'] - means['control']:+.2f} (bar ≥ +{BARS['control']})")
+    need = BARS["recurrent" if ROWS[row].recurrent else "feedforward"]
+    if "bp" in means and means["tpsgd"] - means["bp"] < -need:
+        out.append(f"{row}: default − backprop {means['tpsgd'] - means['bp']:+.2f} (bar ≥ −{need})")
+    return out
 
 
 def _fit_times(runs: dict[str, Any], rows: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ The paper's model: one ``Conv2d(1, K, 5)`` + leaky ReLU + a final ``Linear`` on 
 with ``n_conv=1, n_hidden=0, filters=K``), trained with tpSGD, the convolution's target drawn either with
 the "naive" projection (one dense matrix over the whole ``K×24×24`` map, ``conv_projection="naive"``) or
 with the paper's filter-based sampling (filter ``k`` from N(0, (k/K)²), ``conv_projection="filter"``).
-Both with the library's default rule ``ce`` and with the paper's ℓ2 rule. References: the random-feature
+Both with the library's rule ``ce`` and with the paper's ℓ2 rule. References: the random-feature
 control (convolution frozen at its random initialisation, only the ``Linear`` trained) and backpropagation.
 Writes ``benchmarks/results/fig3.{md,json,png}`` (``--quick``: ``benchmarks/results/quick/``).
 """

@@ -7,7 +7,7 @@ Usage::
 
 Cell ``(n_conv, n_hidden)`` of the grid is ``zoo`` ``convgrid(n_conv, n_hidden)``: ``n_conv`` times
 Conv2d(k=5, 16 filters, stride 1) + leaky ReLU, then ``n_hidden`` times Linear(256) + leaky ReLU, then the final
-Linear. Every cell is trained with tpSGD (``LocalLearner``, the library's default rule ``ce`` and filter-based
+Linear. Every cell is trained with tpSGD (``LocalLearner``, the library's rule ``ce`` and filter-based
 conv projections), with tpSGD and the rule ``learned`` (``tpsgd-learned``: each hidden block trains its own
 linear readout, initialised from its projection), with backpropagation, and as the random-feature control (every
 layer but the last frozen at its random initialisation). The paper's grid reaches 10 trainable layers with 25

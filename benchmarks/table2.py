@@ -75,7 +75,7 @@ PAPER: dict[str, tuple[float, float, float, float]] = {
     "tpsgd-l2": (88.3, 0.25, 1.7, 0.01),
 }
 LABELS = {
-    "tpsgd-ce": "tpSGD-ce (library default rule)",
+    "tpsgd-ce": "tpSGD-ce (library rule)",
     "tpsgd-l2": "tpSGD-ℓ2 (paper's rule)",
     "tpsgd-ce-1ep": "tpSGD-ce, 1 epoch",
     "bp": "BP (same recipe as tpSGD-ce)",

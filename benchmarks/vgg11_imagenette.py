@@ -6,7 +6,7 @@ Usage::
     OMP_NUM_THREADS=1 python -m benchmarks.vgg11_imagenette --data-dir ../shared/data --seeds 1 --quick
 
 Model: ``zoo`` ``vgg11`` (8 convolutions + 3 Linear layers, leaky ReLU, dropout 0.5, torchvision's VGG
-initialisation), every layer trained: with tpSGD (``LocalLearner``, the library's default rule ``ce`` and
+initialisation), every layer trained: with tpSGD (``LocalLearner``, the library's rule ``ce`` and
 filter-based conv projections, simultaneous schedule), with backpropagation (Adam), and as the random-feature
 control (every layer but the last frozen at its random initialisation); tpSGD and BP also with a BatchNorm2d after
 every convolution (``batch_norm=True``), because the BN-free network did not learn under tpSGD in a probe; tpSGD
