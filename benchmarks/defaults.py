@@ -402,6 +402,7 @@ def report_lines(store: dict[str, Any]) -> list[str]:
         "",
         *[f"- `{c}`" for c in store.get("commands", [])],
         "",
+        *([*[f"- {note}" for note in store["notes"]], ""] if store.get("notes") else []),
         "## The matrix",
         "",
         "Bars (issue 18): default − control ≥ +2 points on every row; default − backprop ≥ −1.5 points",
