@@ -488,7 +488,9 @@ class LocalLearner:
         check_every: how often (in steps) ``validate`` reads its device-side checks after the first step.
         compile: fuse each block's closed-form local gradient (the rule's loss and gradient, its scale and the
             (leaky) ReLU derivative) with ``torch.compile``: fewer kernel launches per block, one output-sized
-            buffer. Needs a working ``torch.compile`` (Triton on a GPU, a C++ compiler on the CPU).
+            buffer. Rules with a learned projection (``"learned"``, which ``"auto"`` picks for Linear and Conv
+            blocks) train by autograd and are not fused: pass ``rule="ce"`` to fuse every block. Needs a
+            working ``torch.compile`` (Triton on a GPU, a C++ compiler on the CPU).
         cuda_graph: :meth:`step` only (the pure-PyTorch loop): capture the whole training step as a CUDA graph
             per input shape and replay it (static shapes; the model and batches on one CUDA device; an optimizer
             built with ``capturable=True`` where it has the option; under autocast, enter it around each step).

@@ -210,7 +210,8 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
         lean: lean-memory mode: projections regenerated from the seed, no graph and no output-sized
             buffers for Linear/Conv blocks with a (leaky) ReLU (see ``LocalLearner``).
         compile: fuse each block's closed-form local gradient with ``torch.compile`` (fewer kernel launches;
-            needs Triton on a GPU or a C++ compiler on the CPU; the first batches pay the compilation).
+            needs Triton on a GPU or a C++ compiler on the CPU; the first batches pay the compilation). Rule
+            ``"learned"`` (what ``"auto"`` picks for Linear and Conv blocks) is not fused: use ``rule="ce"``.
         device: the device to train on (default: the one the Trainer's accelerator picks).
     """
 
