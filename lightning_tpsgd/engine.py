@@ -248,6 +248,18 @@ def _auto_rule(block: Block, lean: bool) -> str:
     return AUTO_RULES["conv" if isinstance(block.layer, _CONV_LAYERS) else "linear"]
 
 
+def _group_like(optimizer: torch.optim.Optimizer, param: Tensor, P: Tensor) -> dict[str, Any]:
+    """A parameter group for ``P`` with the settings of ``param``'s group (all but its parameters).
+
+    Copying the scheduler's entries too (``initial_lr``, ``max_lr``, ...) lets a scheduler that walks every
+    group (``OneCycleLR``) step a group added after it was built.
+    """
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return {**{k: v for k, v in group.items() if k != "params"}, "params": [P]}
+    return {"params": [P]}
+
+
 def _rule_learns(rule: RuleSpec, lean: bool) -> bool:
     """Whether ``rule`` may learn a block's projection (``"auto"``: if it picks such a rule for Linear or Conv)."""
     if rule == "auto":
@@ -690,17 +702,21 @@ class LocalLearner:
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Let ``optimizer`` train the learned projections (rules with ``learns_projection``, e.g. ``"learned"``).
 
-        Each learned projection joins it as a new parameter group with the optimizer's default
-        hyper-parameters: those built already now, later ones when their block first runs (the projection's
-        shape is known only then). A learning-rate scheduler created before a group was added does not
-        schedule that group. :meth:`step` and the strategies attach their optimizer themselves.
+        Each learned projection joins it as a new parameter group with the settings of its block's group
+        (learning rate and the entries a scheduler added, such as ``initial_lr``; the optimizer's defaults if the
+        block is not in it): those built already now, later ones when their block first runs (the projection's
+        shape is known only then). A scheduler that walks every group at each step (``OneCycleLR``, ``StepLR``)
+        then schedules it too; one that keeps a rate per group from its construction (``CosineAnnealingLR``)
+        leaves it at its block's rate of that moment. :meth:`step` and the strategies attach their optimizer
+        themselves.
         """
         if not any(optimizer is o for o in self._attached):
             self._attached.append(optimizer)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for P in self.learned_projections():
-            if id(P) not in owned:
-                optimizer.add_param_group({"params": [P]})
+        for block in self.hidden:
+            P = None if block.projection is None else block.projection.P
+            if isinstance(P, nn.Parameter) and id(P) not in owned:
+                optimizer.add_param_group(_group_like(optimizer, block.params[0], P))
 
     def learned_projections(self) -> list[nn.Parameter]:
         """The projections built so far that are trained with their block, in block order."""
@@ -716,7 +732,7 @@ class LocalLearner:
         projection.P = nn.Parameter(P.detach().clone(), requires_grad=block.params[0].requires_grad)
         block.params.append(projection.P)
         for optimizer in self._attached:
-            optimizer.add_param_group({"params": [projection.P]})
+            optimizer.add_param_group(_group_like(optimizer, block.params[0], projection.P))
 
     # ------------------------------------------------------------------ schedule
     @property

@@ -214,7 +214,7 @@ class LearnedCE(LocalRule):
     .. note:: Not in the paper. On CIFAR-10 it is the only rule of the library that trains the shallow CNN's
        convolutions better than random ones (see the README results). The readout ``W_i`` (``C · F_i``
        numbers per block) is only used for training: it joins the optimizer as an extra parameter group,
-       with the optimizer's default hyper-parameters, and is saved in the learner's (and the checkpoint's)
+       with the settings of its block's group, and is saved in the learner's (and the checkpoint's)
        ``"tpsgd"`` state. It is not used at inference.
     """
 

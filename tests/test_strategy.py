@@ -386,13 +386,35 @@ def test_learned_projections_train_with_the_module_optimizer_and_resume_exactly(
         assert torch.equal(a, b), name
 
 
+def test_the_default_rule_trains_under_a_scheduler_that_walks_every_group():
+    """``rule="auto"`` adds a readout per Linear/Conv block to the optimizer after ``configure_optimizers``: the
+    group copies its block's settings, ``initial_lr`` included, so ``OneCycleLR`` can step it."""
+
+    class OneCycleNet(AdamNet):
+        def configure_optimizers(self):
+            optimizer = torch.optim.Adam(
+                [{"params": self.net[0].parameters(), "lr": 3e-3}, {"params": self.net[3:].parameters()}], lr=1e-2
+            )
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[3e-3, 1e-2], total_steps=8)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    model = OneCycleNet()
+    t = trainer(strategy="tpsgd", max_epochs=2)
+    t.fit(model, loader())
+    groups = t.optimizers[0].param_groups
+    assert len(groups) == 4  # the module's two groups, then the readouts of net.0 and net.3
+    assert groups[2]["max_lr"] == 3e-3 and groups[3]["max_lr"] == 1e-2  # each follows its block's group
+    assert groups[2]["lr"] == groups[0]["lr"] and groups[3]["lr"] == groups[1]["lr"]  # scheduled alike
+
+
 @pytest.mark.slow
 def test_compile_option_trains_like_the_eager_strategy():
     """``compile=True`` changes how the local gradients are computed, not what they are."""
     models = []
     for compiled in (False, True):
         model = Net()
-        trainer(strategy=TPSGDStrategy(compile=compiled), max_epochs=1, max_steps=3).fit(model, loader())
+        strategy = TPSGDStrategy(rule="ce", compile=compiled)  # ce: compile fuses closed-form rules
+        trainer(strategy=strategy, max_epochs=1, max_steps=3).fit(model, loader())
         models.append(model)
     for eager, fused in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
