@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _random
 from .nn.base import LocalContext, LocalModule
 from .projections import Projection, create_projection, list_projections
 from .rules import LocalRule, RuleSpec, create_rule
@@ -994,11 +995,12 @@ class LocalLearner:
             else:
                 projection.P = saved.to(device=device, dtype=dtype)
             return True
-        projection.build(shape, self._generator(name), device, dtype)
+        projection.build(shape, self._projection_key(name), device, dtype)
         return False
 
-    def _generator(self, key: str) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+    def _projection_key(self, name: str) -> int:
+        """The random stream of the projection ``name``: ``P`` is drawn on the device from it (``_random``)."""
+        return _random.key_of(self.seed * 1_000_003 + zlib.crc32(name.encode()))
 
     def _local_context(self, block: Block) -> LocalContext:
         assert self._labels is not None and block.rule is not None

@@ -2,9 +2,11 @@
 
 A projection is an ``nn.Module`` with one persistent buffer ``P`` of shape ``(C, *S)``, where ``S`` is the
 per-sample shape of the block output it supervises: ``(F,)`` for a Linear block, ``(K, H, W)`` for a
-Conv2d block. It is built lazily, at the first batch, once ``S`` is known, from an explicit seeded
-``torch.Generator`` (sampled on the CPU, so every device and every rank gets the same numbers), then
-moved to the block's device and dtype.
+Conv2d block. It is built lazily, at the first batch, once ``S`` is known, directly on the block's device
+from an integer ``key`` (derived from the seed and the block's name) by the counter-based generator of
+:mod:`lightning_tpsgd._random`: every device and every rank gets the same numbers (exactly for
+``"uniform"`` and ``"binary"``; see :meth:`Projection.sample` for the others), with no CPU work and no
+host→device copy, so lean mode can regenerate it at every use.
 
 Dense distributions are normalised to unit root-mean-square entries, so ``target_scale`` is the RMS of
 the targets: ``"uniform"`` U(-√3, √3), ``"normal"`` N(0, 1), ``"binary"`` ±1, ``"orthogonal"`` rows
@@ -18,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import _random
 from . import functional as TF
 from ._registry import Registry
 
@@ -65,17 +68,28 @@ class Projection(nn.Module):
     def is_built(self) -> bool:
         return self.P is not None
 
-    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        """Draw an unscaled float32 CPU matrix of shape ``(C, *shape)``."""
+    def sample(self, shape: tuple[int, ...], key: int, device: torch.device) -> Tensor:
+        """Draw an unscaled float32 matrix of shape ``(C, *shape)`` on ``device`` from the stream ``key``.
+
+        The same ``key`` gives the same matrix on every device: bit for bit for ``"uniform"`` and ``"binary"``;
+        for the normal draws (``"normal"``, ``"filter"``) except, about once in 10**8 entries, in the last bit
+        (:func:`lightning_tpsgd._random.normal`); for ``"orthogonal"`` to about 1e-7, since its QR
+        decomposition (in float64) runs on the device's own linear-algebra library.
+        """
         raise NotImplementedError
 
     @torch.no_grad()
-    def build(
-        self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        """Sample ``P`` for a block whose per-sample output shape is ``shape``."""
-        P = self.sample(tuple(shape), generator).mul_(self.scale)
-        self.P = P.to(device=device, dtype=dtype)
+    def build(self, shape: tuple[int, ...], key: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Sample ``P`` on ``device`` for a block whose per-sample output shape is ``shape``.
+
+        Args:
+            shape: the per-sample shape ``S`` of the block output.
+            key: the random stream (any integer; the engine derives one from its seed and the block name).
+            device: where ``P`` is drawn and kept.
+            dtype: ``P``'s dtype (drawn in float32, then cast).
+        """
+        P = self.sample(tuple(shape), int(key), torch.device(device)).mul_(self.scale)
+        self.P = P.to(dtype=dtype)
 
     def forward(self, y: Tensor) -> Tensor:
         if self.P is None:
@@ -89,16 +103,12 @@ class Projection(nn.Module):
         return f"num_classes={self.num_classes}, scale={self.scale}, P={shape}"
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
-
-
 @register_projection("uniform")
 class UniformProjection(Projection):
     """Entries i.i.d. U(-√3, √3) (unit variance)."""
 
-    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        u = torch.rand((self.num_classes, *shape), generator=generator, dtype=torch.float32)
+    def sample(self, shape: tuple[int, ...], key: int, device: torch.device) -> Tensor:
+        u = _random.uniform(key, (self.num_classes, *shape), device)
         return u.mul_(2 * math.sqrt(3.0)).sub_(math.sqrt(3.0))
 
 
@@ -106,31 +116,36 @@ class UniformProjection(Projection):
 class NormalProjection(Projection):
     """Entries i.i.d. N(0, 1)."""
 
-    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        return _randn((self.num_classes, *shape), generator)
+    def sample(self, shape: tuple[int, ...], key: int, device: torch.device) -> Tensor:
+        return _random.normal(key, (self.num_classes, *shape), device)
 
 
 @register_projection("binary")
 class BinaryProjection(Projection):
     """Entries i.i.d. ±1: random binary rows, approximately orthogonal for large F (paper §2.4, ℓ1 RNN)."""
 
-    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        b = torch.randint(0, 2, (self.num_classes, *shape), generator=generator, dtype=torch.int8)
-        return b.float().mul_(2).sub_(1)
+    def sample(self, shape: tuple[int, ...], key: int, device: torch.device) -> Tensor:
+        return _random.signs(key, (self.num_classes, *shape), device)
 
 
 @register_projection("orthogonal")
 class OrthogonalProjection(Projection):
-    """Rows (or columns, when C > F) orthonormal, scaled by √F so entries have unit RMS (DRTP, paper §2.4)."""
+    """Rows (or columns, when C > F) orthonormal, scaled by √F so entries have unit RMS (DRTP, paper §2.4).
 
-    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    .. note:: The QR decomposition runs on the block's device, in float64 (float32 on ``mps``). In lean mode
+       ``P`` is not stored, so each use pays one QR of an ``(F, C)`` matrix (``O(F·C²)``, small next to the
+       block's own step); lean mode is about memory, and caching ``P`` would store it.
+    """
+
+    def sample(self, shape: tuple[int, ...], key: int, device: torch.device) -> Tensor:
         f = math.prod(shape)
         c = self.num_classes
-        a = _randn((max(c, f), min(c, f)), generator)
+        work = torch.float32 if device.type == "mps" else torch.float64
+        a = _random.normal(key, (max(c, f), min(c, f)), device, dtype=work)
         q, r = torch.linalg.qr(a)  # (max, min) orthonormal columns
         q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # unique, uniformly distributed
         P = q.T if c <= f else q  # (C, F)
-        return P.mul_(math.sqrt(f)).reshape(c, *shape).contiguous()
+        return P.mul(math.sqrt(f)).to(torch.float32).reshape(c, *shape).contiguous()
 
 
 @register_projection("filter")
@@ -144,15 +159,15 @@ class FilterProjection(Projection):
        the formula, so no filter gets an all-zero target.
     """
 
-    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    def sample(self, shape: tuple[int, ...], key: int, device: torch.device) -> Tensor:
         if len(shape) < 2:
             raise ValueError(
                 f"FilterProjection needs a conv output shape (K, *spatial), got {shape}. "
                 "Use a dense projection ('uniform', 'normal', 'binary', 'orthogonal') for Linear blocks."
             )
         k = shape[0]
-        sigma = torch.arange(1, k + 1, dtype=torch.float32) / k
-        P = _randn((self.num_classes, *shape), generator)
+        sigma = torch.arange(1, k + 1, dtype=torch.float32, device=device) / k
+        P = _random.normal(key, (self.num_classes, *shape), device)
         return P.mul_(sigma.view(1, k, *([1] * (len(shape) - 1))))
 
 

@@ -8,7 +8,7 @@ DENSE = [p for p in list_projections() if p != "filter"]
 
 def _built(name, shape, seed=0, num_classes=10, scale=1.0):
     proj = create_projection(name, num_classes, scale=scale)
-    proj.build(shape, torch.Generator().manual_seed(seed), torch.device("cpu"), torch.float32)
+    proj.build(shape, seed, torch.device("cpu"), torch.float32)
     return proj
 
 

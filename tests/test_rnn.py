@@ -489,7 +489,8 @@ def test_locally_trained_rnn_beats_a_frozen_random_rnn():
     x = 0.5 * torch.randn(n, steps, 1, generator=generator)
     x[:, 1, 0] = (2 * y - 1).float()
     accuracy = {}
-    for control in (True, False):
+    # the trained RNN at three projection seeds (its accuracy on this toy task varies with the projection)
+    for control, seed in [(True, 0), (False, 0), (False, 1), (False, 2)]:
         torch.manual_seed(0)
         model = create_model(
             "rnn1", num_classes=2, input_size=1, hidden_size=32, nonlinearity="tanh", freeze_rnn=control
@@ -497,6 +498,7 @@ def test_locally_trained_rnn_beats_a_frozen_random_rnn():
         learner = LocalLearner(
             model,
             rule="l2",
+            seed=seed,
             overrides=None if control else {"0": {"rule": "drtp"}},
             optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
         )
@@ -505,8 +507,9 @@ def test_locally_trained_rnn_beats_a_frozen_random_rnn():
                 learner.step(x[i : i + 64], y[i : i + 64])
         learner.close()
         with torch.no_grad():
-            accuracy[control] = (model(x).argmax(1) == y).float().mean().item()
-    assert accuracy[False] > 0.85 and accuracy[False] > accuracy[True] + 0.15, accuracy
+            accuracy[control, seed] = (model(x).argmax(1) == y).float().mean().item()
+    trained = sorted(accuracy[False, seed] for seed in range(3))[1]  # the median
+    assert trained > 0.85 and trained > accuracy[True, 0] + 0.15, accuracy
 
 
 # ---------------------------------------------------------------- errors
