@@ -7,6 +7,7 @@ held in ``int64`` tensors:
 
 .. code-block:: text
 
+    k0, k1 = bits 0-30 and 32-63 of splitmix64(key)
     x = (i + k0)                                # k0 < 2**31, i < 2**31
     x = mix(x) ^ k1;  x = mix(x)                # mix: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
                                                 #      x *= 0x846ca68b; x ^= x >> 16   (all mod 2**32)
@@ -41,7 +42,7 @@ _MAX_COUNT = 1 << 31
 
 
 def key_of(value: int) -> int:
-    """A well-mixed 64-bit key from any integer (``splitmix64``'s finaliser, in exact Python integers)."""
+    """A well-mixed 64-bit number from any integer (``splitmix64``'s finaliser, in exact Python integers)."""
     z = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
@@ -65,6 +66,7 @@ def bits(key: int, n: int, device: torch.device | str | None = None) -> Tensor:
     """
     if n > _MAX_COUNT:
         raise ValueError(f"A stream has at most 2**31 entries, {n} were asked for; split the draw over several keys.")
+    key = key_of(key)  # neighbouring keys (0, 1, ...) must not give overlapping streams
     k0, k1 = key & 0x7FFFFFFF, (key >> 32) & MASK
     x = torch.arange(k0, k0 + n, dtype=torch.int64, device=device)
     return _mix_(_mix_(x).bitwise_xor_(k1))

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _random
 from .nn.base import LocalContext, LocalModule
 from .projections import Projection, create_projection, list_projections
 from .rules import LocalRule, RuleSpec, create_rule
@@ -485,7 +484,8 @@ class LocalLearner:
         schedule: ``"simultaneous"`` (every block every batch) or ``"layerwise"`` (block ``k`` alone
             for ``epochs_per_layer`` epochs, earlier blocks frozen, later blocks not computed).
         epochs_per_layer: epochs per stage of the layer-wise schedule (an int, or one per stage).
-        seed: seeds every projection (block ``i`` uses its own generator derived from it).
+        seed: seeds every projection (each one is drawn on the block's device from its own random stream,
+            keyed by the seed and the block name; see ``lightning_tpsgd.projections``).
         optimizer: used by :meth:`step`: an optimizer over ``model.parameters()``, a factory
             ``params -> Optimizer``, or ``None`` for ``Adam(lr=1e-3)``. The strategy passes none and
             lets Lightning step the LightningModule's own optimizer (to which it attaches learned projections).
@@ -508,10 +508,10 @@ class LocalLearner:
             per input shape and replay it (static shapes; the model and batches on one CUDA device; an optimizer
             built with ``capturable=True`` where it has the option; under autocast, enter it around each step).
         lean: lean-memory mode for edge devices (not with a rule that learns its projection): projections are
-            regenerated from their seed at every use instead of stored, and Linear/Conv blocks whose tap is
-            their (leaky) ReLU or the layer itself build no autograd graph at all: their weight gradients are
-            computed explicitly, a slice of the batch at a time, so no output-sized target, loss or gradient
-            buffer exists.
+            regenerated on the block's device from their seed at every use instead of stored, and Linear/Conv
+            blocks whose tap is their (leaky) ReLU or the layer itself build no autograd graph at all: their
+            weight gradients are computed explicitly, a slice of the batch at a time, so no output-sized
+            target, loss or gradient buffer exists.
         grad_sync: data-parallel communication of the local gradients (set by ``TPSGDDDPStrategy``).
 
     Example:
@@ -584,6 +584,7 @@ class LocalLearner:
         self._attached: list[torch.optim.Optimizer] = []  # receive the learned projections as param groups
         self._projections = {b.name: b.projection for b in self.hidden if b.projection is not None}
         self._loaded_projections: dict[str, Tensor] = {}
+        self._pinned: set[str] = set()  # lean mode: restored projections the seed does not reproduce, kept
         self._pending: dict[int, list[Tensor | None]] = {}
         self._losses: dict[str, Tensor] = {}
         self._labels: Tensor | None = None
@@ -898,7 +899,8 @@ class LocalLearner:
                 "train it: call learner.attach_optimizer(optimizer) before the first training step (step() "
                 "and the strategies do it)."
             )
-        if self.lean or not projection.is_built:
+        stored = not self.lean or block.name in self._pinned
+        if not stored or not projection.is_built:
             restored = self._build_projection(
                 block.name, projection, tuple(h.shape[1:]), h.device, block.params[0].dtype
             )
@@ -906,8 +908,8 @@ class LocalLearner:
                 self._learn_projection(block, init=not restored)
         P = projection.P
         assert P is not None
-        if self.lean:
-            projection.P = None  # not stored: regenerated from the seed at the next use
+        if self.lean and block.name not in self._pinned:
+            projection.P = None  # not stored: regenerated on the device from the seed at the next use
         elif P.device != h.device:  # the model moved after the projection was built
             if isinstance(P, nn.Parameter):
                 raise RuntimeError(
@@ -994,13 +996,30 @@ class LocalLearner:
                     projection.P.copy_(saved)
             else:
                 projection.P = saved.to(device=device, dtype=dtype)
+            if self.lean and name not in self._pinned and not self._reproducible(name, projection, shape):
+                self._pinned.add(name)
+                warnings.warn(
+                    f"The checkpoint's projection for '{name}' is not the one the seed gives (a checkpoint from "
+                    "lightning-tpsgd 0.1, whose generator differed): lean mode keeps it in memory instead of "
+                    "regenerating it, so the run goes on with the same targets.",
+                    stacklevel=2,
+                )
             return True
         projection.build(shape, self._projection_key(name), device, dtype)
         return False
 
+    def _reproducible(self, name: str, projection: Projection, shape: tuple[int, ...]) -> bool:
+        """Whether the seed regenerates ``projection.P`` (restored from a checkpoint) exactly."""
+        P = projection.P
+        assert P is not None
+        projection.build(shape, self._projection_key(name), P.device, P.dtype)
+        same = torch.equal(projection.P, P)
+        projection.P = P
+        return same
+
     def _projection_key(self, name: str) -> int:
         """The random stream of the projection ``name``: ``P`` is drawn on the device from it (``_random``)."""
-        return _random.key_of(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return self.seed * 1_000_003 + zlib.crc32(name.encode())
 
     def _local_context(self, block: Block) -> LocalContext:
         assert self._labels is not None and block.rule is not None
@@ -1415,7 +1434,11 @@ class LocalLearner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Projections (``P`` of every block, learned ones included), the seed and the schedule position."""
-        projections = {name: p.P.detach() for name, p in self._projections.items() if p.is_built and not self.lean}
+        projections = {
+            name: p.P.detach()
+            for name, p in self._projections.items()
+            if p.is_built and (not self.lean or name in self._pinned)
+        }
         state: dict[str, Any] = {"projections": projections, "seed": self.seed, "stage": self._stage}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()

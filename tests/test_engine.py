@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_tpsgd import LocalLearner, find_blocks
 from lightning_tpsgd.engine import _explicit_grad_ok
@@ -936,3 +937,64 @@ def test_the_traced_batch_frees_each_blocks_graph_when_the_next_layer_is_called(
             model(x)
     # when the output layer is called, the hidden blocks' graphs are gone: nothing they saved is alive
     assert seen == [0]
+
+
+class _DevicesOfOps(TorchDispatchMode):
+    """Records the device of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.devices.update((o.device.type, func.__name__) for o in outs if isinstance(o, torch.Tensor))
+        return out
+
+
+@pytest.mark.parametrize("projection", ["filter", "normal", "uniform", "binary", "orthogonal"])
+def test_lean_mode_draws_each_projection_on_the_block_device_at_each_use(projection):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).to("meta")
+    conv_projection = projection if projection == "filter" else "naive"
+    learner = LocalLearner(
+        model,
+        lean=True,
+        projection=projection if projection != "filter" else "uniform",
+        conv_projection=conv_projection,
+    )
+    block, h = learner.hidden[0], torch.empty(8, 4, 6, 6, device="meta")
+    for _ in range(2):
+        with _DevicesOfOps() as ops:
+            P = learner._projection_of(block, h)
+        assert P.device.type == "meta" and P.shape == (10, 4, 6, 6)
+        assert {device for device, _ in ops.devices} == {"meta"}, ops.devices  # no CPU draw, no copy
+        assert block.projection.P is None  # not stored
+
+
+def test_lean_and_default_modes_draw_the_same_projections():
+    Ps = []
+    for lean in (False, True):
+        learner = LocalLearner(cnn(), lean=lean, seed=5)
+        Ps.append(learner._projection_of(learner.hidden[1], torch.empty(8, 6, 3, 3)))
+    assert torch.equal(*Ps)
+
+
+def test_lean_mode_keeps_a_checkpoint_projection_the_seed_does_not_give():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    default = LocalLearner(copy.deepcopy(model), optimizer=sgd())
+    default.step(*batch())
+    state = default.state_dict()
+    lean = LocalLearner(copy.deepcopy(model), optimizer=sgd(), lean=True)
+    lean.load_state_dict(state)  # reproducible from the seed: not kept
+    lean.step(*batch())
+    assert lean.hidden[0].projection.P is None and lean.state_dict()["projections"] == {}
+
+    old = {**state, "projections": {"1": torch.randn(10, 16)}}  # as a checkpoint of version 0.1 would hold
+    lean = LocalLearner(copy.deepcopy(model), optimizer=sgd(), lean=True)
+    lean.load_state_dict(old)
+    with pytest.warns(UserWarning, match="not the one the seed gives"):
+        lean.step(*batch())
+    lean.step(*batch(seed=1))
+    assert torch.equal(lean.hidden[0].projection.P, old["projections"]["1"])
+    assert torch.equal(lean.state_dict()["projections"]["1"], old["projections"]["1"])

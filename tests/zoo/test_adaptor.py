@@ -248,7 +248,8 @@ def test_tpsgd_adaptor_learns():
     y = torch.arange(48) % C
     x = torch.randn(48, 3, SIZE, SIZE, generator=g) * 0.3 + y.view(-1, 1, 1, 1).float() - 1
     module = _adaptor(taps=(2,), lr=1e-2, cache_features=True, adaptor_kwargs={"filters": 8, "hidden": 32})
-    trainer = _trainer(strategy=TPSGDStrategy(rule="ce"), max_epochs=6)
+    # 10 epochs: after 6, the accuracy still depended on the projection seed (0.67-1.0 over seeds 0-4)
+    trainer = _trainer(strategy=TPSGDStrategy(rule="ce"), max_epochs=10)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True))
     assert trainer.callback_metrics["train_acc"] > 0.9
 
