@@ -63,6 +63,10 @@ _OVERRIDE_KEYS = ("rule", "target", "projection", "target_scale")
 #: ``"lean"``: Linear and Conv blocks in lean mode, which stores no projection and so cannot learn one. A
 #: :class:`~lightning_tpsgd.nn.LocalModule` names its own in ``tpsgd_auto_rule``.
 AUTO_RULES: dict[str, str] = {"linear": "learned", "conv": "learned", "lean": "ce"}
+#: Lean mode's explicit update takes the batch in slices of an eighth of it, or of this many bytes of block
+#: output when that is more: small outputs go in one slice (fewer kernels), large ones need a gradient buffer
+#: of at most max(1/8 of the output, 16 MiB).
+_LEAN_SLICE_BYTES = 16 * 2**20
 
 
 class GradSync(Protocol):
@@ -926,17 +930,19 @@ class LocalLearner:
         return P
 
     @torch.no_grad()
-    def _explicit_update(self, block: Block, x: Tensor, h: Tensor, chunks: int = 8) -> None:
+    def _explicit_update(self, block: Block, x: Tensor, h: Tensor, slices: int = 8) -> None:
         """Lean mode: the local gradient of a Linear/Conv block computed by hand, a slice of the batch at a time.
 
         Per slice: the rule's closed-form gradient into a slice-sized buffer, the (leaky) ReLU derivative,
-        then the layer's weight gradient (``conv*_weight`` / a matrix product) and bias gradient.
+        then the layer's weight gradient (``conv*_weight`` / a matrix product) and bias gradient. A slice is
+        ``1/slices`` of the batch, or ``_LEAN_SLICE_BYTES`` of output if that is more (fewer kernel launches).
         """
         assert self._labels is not None and block.rule is not None
         P = self._projection_of(block, h)
         layer, slope = block.layer, _relu_slope(block.tap)
         B, total = h.shape[0], h.numel()
-        size = max(1, -(-B // chunks))
+        row_bytes = max(1, total // max(1, B) * h.element_size())
+        size = min(max(1, B), max(-(-B // slices), _LEAN_SLICE_BYTES // row_bytes))
         buffer = torch.empty((size, *h.shape[1:]), dtype=h.dtype, device=h.device)
         weight = torch.zeros_like(layer.weight)
         bias = None if layer.bias is None else torch.zeros_like(layer.bias)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_tpsgd import LocalLearner, find_blocks
+from lightning_tpsgd import LocalLearner, engine, find_blocks
 from lightning_tpsgd.engine import _explicit_grad_ok
 from lightning_tpsgd.functional import readout_ce, tpsgd_l2
 
@@ -520,7 +520,10 @@ def test_local_gradients_equal_autograd_of_the_local_loss(activation, rule):
     ],
     ids=["conv2d-leaky", "linear-relu", "conv1d-no-activation"],
 )
-def test_lean_mode_gives_the_same_gradients_without_a_graph(rule, layers):
+@pytest.mark.parametrize("slice_bytes", [None, 1], ids=["one-slice", "five-slices"])
+def test_lean_mode_gives_the_same_gradients_without_a_graph(rule, layers, slice_bytes, monkeypatch):
+    if slice_bytes is not None:  # slices of an eighth of the batch (rounded up: 2 of 10 samples)
+        monkeypatch.setattr(engine, "_LEAN_SLICE_BYTES", slice_bytes)
     x, y = batch(n=10, shape=(1, 8, 8))
     if isinstance(layers()[0], nn.Conv1d):
         x = x.view(10, 8, 8)
