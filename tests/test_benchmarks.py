@@ -54,6 +54,13 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "| cnn2 | fp32 |" in text and "| cnn2 | bf16 |" in text
 
 
+def test_lean_step_compares_the_two_modes(capsys):
+    from benchmarks import lean_step
+
+    lean_step.main(["--batch", "2", "--steps", "1", "--warmup", "0"])
+    assert "lean/default" in capsys.readouterr().out
+
+
 def test_rnn_tables_merges_parallel_result_files(tmp_path):
     from benchmarks.rnn_tables import merge_stores
 
