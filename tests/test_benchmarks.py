@@ -54,6 +54,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "| cnn2 | fp32 |" in text and "| cnn2 | bf16 |" in text
 
 
+@pytest.mark.slow
 def test_lean_step_compares_the_two_modes(capsys):
     from benchmarks import lean_step
 
