@@ -92,7 +92,10 @@ def _reference_bits(key, n):
 
 
 @pytest.mark.parametrize("key", [0, 1, 12345, 2**40 + 7, 2**64 - 1])
-def test_bits_equal_an_exact_integer_recomputation(key):
+@pytest.mark.parametrize("block", [None, 256], ids=["one-block", "cpu-blocks"])
+def test_bits_equal_an_exact_integer_recomputation(key, block, monkeypatch):
+    if block is not None:  # the CPU computes the hash block by block
+        monkeypatch.setattr(_random, "_CPU_BLOCK", block)
     bits = _random.bits(key, 3000)
     assert bits.dtype == torch.int64
     assert bits.tolist() == _reference_bits(key, 3000)  # no int64 overflow, no sign trouble
@@ -158,3 +161,13 @@ def test_projections_are_drawn_on_the_target_device(name):
     proj = create_projection(name, 10)
     proj.build((4, 6, 6), 0, torch.device("meta"), torch.float16)  # no CPU draw that is then copied
     assert proj.P.device.type == "meta" and proj.P.dtype == torch.float16 and proj.P.shape == (10, 4, 6, 6)
+
+
+def test_blocks_of_the_cpu_path_give_the_same_numbers(monkeypatch):
+    whole = {f: f(4, (3, 333)) for f in (_random.uniform, _random.normal, _random.signs)}
+    monkeypatch.setattr(_random, "_CPU_BLOCK", 64)
+    for f, expected in whole.items():
+        assert torch.equal(f(4, (3, 333)), expected), f.__name__
+    assert torch.equal(_random.bits(4, 100, start=900), _random.bits(4, 1000)[900:])
+    with pytest.raises(ValueError, match="2\\*\\*31 entries"):
+        _random.bits(4, 2, start=2**31 - 1)
