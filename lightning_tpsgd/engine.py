@@ -503,11 +503,12 @@ class LocalLearner:
             epoch). After the first step a training step copies nothing from the device to the host, with or
             without ``validate``.
         check_every: how often (in steps) ``validate`` reads its device-side checks after the first step.
-        compile: fuse each block's closed-form local gradient (the rule's loss and gradient, its scale and the
-            (leaky) ReLU derivative) with ``torch.compile``: fewer kernel launches per block, one output-sized
-            buffer. Rules with a learned projection (``"learned"``, which ``"auto"`` picks for Linear and Conv
-            blocks) train by autograd and are not fused: pass ``rule="ce"`` to fuse every block. Needs a
-            working ``torch.compile`` (Triton on a GPU, a C++ compiler on the CPU).
+        compile: fuse each block's local loss and gradient with ``torch.compile``: fewer kernel launches per
+            block. For a closed-form rule (``"ce"``, ``"l1"``, ``"l2"``, ``"drtp"``) the rule's loss and gradient,
+            its scale and the (leaky) ReLU derivative, written into the activation's input as in eager mode; for
+            ``"learned"`` (which ``"auto"`` picks for Linear and Conv blocks) the readout loss and its backward
+            down to the block output and the readout. Needs a working ``torch.compile`` (Triton on a GPU, a C++
+            compiler on the CPU).
         cuda_graph: :meth:`step` only (the pure-PyTorch loop): capture the whole training step as a CUDA graph
             per input shape and replay it (static shapes; the model and batches on one CUDA device; an optimizer
             built with ``capturable=True`` where it has the option; under autocast, enter it around each step).
@@ -888,7 +889,8 @@ class LocalLearner:
                 None if d is None else d.mul_(c) for d in torch.autograd.grad(root, block.params, g, allow_unused=True)
             ]
         else:
-            loss = block.rule.projected_loss(h, self._labels, P)
+            projected_loss = _fused_projected_loss if self.compile else _projected_loss
+            loss = projected_loss(block.rule, h, self._labels, P)
             grads = torch.autograd.grad(loss, block.params, allow_unused=True)
             loss = loss.detach()
         self._record(block, grads, loss)
@@ -1675,6 +1677,23 @@ def _as_tap(block: Block, h: Tensor | None) -> Tensor | None:
 
 def _tap_name(block: Block) -> str:
     return next((n for n, m in block.followers if m is block.tap), block.name)
+
+
+def _projected_loss(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor) -> Tensor:
+    """The rule's loss against the projection (a learned one included), differentiable in ``h`` and ``P``."""
+    return rule.projected_loss(h, y, P)
+
+
+_compiled_projected_loss: Callable[..., Tensor] | None = None
+
+
+def _fused_projected_loss(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor) -> Tensor:
+    """:func:`_projected_loss` through ``torch.compile`` (``compile=True``, rules without a closed form such as
+    ``"learned"``): the loss and its backward, down to the block output and the readout, as fused kernels."""
+    global _compiled_projected_loss
+    if _compiled_projected_loss is None:
+        _compiled_projected_loss = torch.compile(_projected_loss, dynamic=None)
+    return _compiled_projected_loss(rule, h, y, P)
 
 
 def _relu_slope(activation: nn.Module | None) -> float | None:

@@ -209,9 +209,10 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
             mean as ``tpsgd/loss`` (to the loggers and the progress bar).
         lean: lean-memory mode: projections regenerated from the seed, no graph and no output-sized
             buffers for Linear/Conv blocks with a (leaky) ReLU (see ``LocalLearner``).
-        compile: fuse each block's closed-form local gradient with ``torch.compile`` (fewer kernel launches;
-            needs Triton on a GPU or a C++ compiler on the CPU; the first batches pay the compilation). Rule
-            ``"learned"`` (what ``"auto"`` picks for Linear and Conv blocks) is not fused: use ``rule="ce"``.
+        compile: fuse each block's local loss and gradient with ``torch.compile`` (fewer kernel launches;
+            needs Triton on a GPU or a C++ compiler on the CPU; the first batches pay the compilation). Closed-form
+            rules (``"ce"``, ``"l1"``, ``"l2"``, ``"drtp"``) fuse the whole local gradient; ``"learned"`` (what
+            ``"auto"`` picks for Linear and Conv blocks) its readout loss and that loss's backward.
         device: the device to train on (default: the one the Trainer's accelerator picks).
     """
 
