@@ -7,14 +7,16 @@ recurrent layer). Methods, each on the same model, batch and precision:
 
 - ``bp``: backpropagation, an eager step with ``Adam``; ``bp-graph``: the same step captured as a CUDA graph
   (the fair reference for the captured tpSGD step);
-- ``tpsgd``: ``LocalLearner.step`` with rule ``ce`` (the default when measured); ``tpsgd-compile``:
-  ``compile=True`` (each block's local gradient fused by ``torch.compile``); ``tpsgd-graph``: ``cuda_graph=True``
-  (the whole step captured); ``tpsgd-compile-graph``: both;
-- ``tpsgd-lean`` / ``tpsgd-lean-graph``: lean-memory mode, eager and captured.
+- ``tpsgd``: ``LocalLearner.step`` with rule ``ce``; ``tpsgd-compile``: ``compile=True`` (each block's local
+  gradient fused by ``torch.compile``); ``tpsgd-graph``: ``cuda_graph=True`` (the whole step captured);
+  ``tpsgd-compile-graph``: both; the same four with the library's default rule (``"auto"``: ``learned`` readouts
+  on Linear/Conv blocks) as ``tpsgd@auto``, ...;
+- ``tpsgd-lean`` / ``tpsgd-lean-graph``: lean-memory mode (rule ``ce``, what ``"auto"`` picks there), eager and
+  captured.
 
 With ``--lightning`` it also times ``Trainer.fit`` of ``zoo.ImageClassifier("convnet4")`` under
-``strategy="auto"`` (backprop), ``TPSGDStrategy(rule="ce")`` and the same with ``compile=True``, the way a user
-runs it (Lightning's loop, logging and optimizer step included; no CUDA graph there).
+``strategy="auto"`` (backprop), ``TPSGDStrategy(rule="ce")``, ``TPSGDStrategy()`` (the default rule) and both
+with ``compile=True``, the way a user runs it (Lightning's loop, logging and optimizer step included; no CUDA graph there).
 
 On CUDA it reports ``torch.cuda.max_memory_allocated`` above the memory held before the measured steps; on
 CPU (a smaller, slower run that CI exercises; graph methods are skipped there) the peak RSS increase. A
@@ -134,10 +136,11 @@ def _bp(model: nn.Module, graph: bool, x: torch.Tensor, y: torch.Tensor) -> Step
 
 def _tpsgd(model: nn.Module, method: str, options: dict) -> Step:
     outputs = getattr(model, "tpsgd_output_layers", None)
+    method, _, rule = method.partition("@")
     graph = method.endswith("-graph")
-    learner = LocalLearner(  # rule "ce": what gpu_check.md was measured with (lean mode has no learned rule)
+    learner = LocalLearner(
         model,
-        rule="ce",
+        rule=rule or "ce",
         output_layers=outputs,
         lean="lean" in method,
         compile="compile" in method,
@@ -228,10 +231,12 @@ def lightning_fit(strategy: str, precision: str, device: torch.device, quick: bo
     model = ImageClassifier(
         "convnet4", num_classes=10, model_kwargs={"in_chans": 3, "input_size": size, "channels": 32}
     )
-    chosen: Any = {  # rule "ce", what gpu_check.md was measured with
+    chosen: Any = {
         "bp": "auto",
         "tpsgd": TPSGDStrategy(rule="ce"),
         "tpsgd-compile": TPSGDStrategy(rule="ce", compile=True),
+        "tpsgd@auto": TPSGDStrategy(),
+        "tpsgd-compile@auto": TPSGDStrategy(compile=True),
     }[strategy]
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -272,6 +277,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (median reported)")
     parser.add_argument("--models", nargs="+", default=["cnn2", "convnet4", "adaptor", "rnn1"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--rules", nargs="+", default=["ce", "auto"], help="rules of the non-lean tpSGD methods (ce: no suffix)"
+    )
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--lightning", action="store_true", help="also time Trainer.fit with each strategy")
     parser.add_argument("--out", default=str(RESULTS / "gpu_check.md"))
@@ -281,6 +289,13 @@ def main() -> None:
     methods = [m for m in args.methods if device.type == "cuda" or not m.endswith("-graph")]
     if "bp" not in methods:
         methods.insert(0, "bp")
+    methods += [  # the same methods under other rules, after the ce ones
+        f"{m}@{rule}"
+        for rule in args.rules
+        if rule != "ce"
+        for m in list(methods)
+        if m.startswith("tpsgd") and "lean" not in m
+    ]
     rows, results = [], {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +331,7 @@ def main() -> None:
     if args.lightning:
         for dtype in args.precisions:
             base = None
-            for strategy in ("bp", "tpsgd", "tpsgd-compile"):
+            for strategy in ("bp", "tpsgd", "tpsgd-compile", "tpsgd@auto", "tpsgd-compile@auto"):
                 key = f"lightning/convnet4/{dtype}/{strategy}"
                 try:
                     r = lightning_fit(strategy, dtype, device, args.quick, steps)

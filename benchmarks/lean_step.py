@@ -31,7 +31,8 @@ def measure(device: str, batch: int, steps: int, warmup: int) -> dict[str, float
     for mode in ("default", "lean"):
         torch.manual_seed(0)
         model = zoo.create_model("convnet4", num_classes=10, in_chans=3, input_size=64, channels=32).to(device)
-        learners[mode] = LocalLearner(model, lean=mode == "lean")
+        # rule "ce" in both: what rule="auto" picks in lean mode, so only the mode differs
+        learners[mode] = LocalLearner(model, rule="ce", lean=mode == "lean")
     times: dict[str, list[float]] = {"default": [], "lean": []}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for i in range(warmup + steps):
