@@ -16,7 +16,8 @@ recurrent layer). Methods, each on the same model, batch and precision:
 
 With ``--lightning`` it also times ``Trainer.fit`` of ``zoo.ImageClassifier("convnet4")`` under
 ``strategy="auto"`` (backprop), ``TPSGDStrategy(rule="ce")``, ``TPSGDStrategy()`` (the default rule) and both
-with ``compile=True``, the way a user runs it (Lightning's loop, logging and optimizer step included; no CUDA graph there).
+with ``compile=True``, the way a user runs it (Lightning's loop, logging and optimizer step included; no CUDA
+graph there).
 
 On CUDA it reports ``torch.cuda.max_memory_allocated`` above the memory held before the measured steps; on
 CPU (a smaller, slower run that CI exercises; graph methods are skipped there) the peak RSS increase. A
