@@ -152,22 +152,17 @@ def _tpsgd(model: nn.Module, method: str, options: dict) -> Step:
     return learner.step
 
 
-def _peak_tracker(device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:
+def _peak_tracker(device: torch.device) -> tuple[Callable[[], int], Callable[[], int]]:
+    """``(reset, peak)``: ``reset()`` starts a new peak and returns the bytes in use; ``peak()`` the peak since."""
     if device.type == "cuda":
-        base = [0]
 
-        def reset() -> None:
+        def reset() -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base[0] = torch.cuda.memory_allocated()
+            return torch.cuda.memory_allocated()
 
-        return reset, lambda: torch.cuda.max_memory_allocated() - base[0]
-    base_cpu = [0]
-
-    def reset_cpu() -> None:
-        base_cpu[0] = reset_peak_rss()
-
-    return reset_cpu, lambda: status_bytes("VmHWM") - base_cpu[0]
+        return reset, torch.cuda.max_memory_allocated
+    return reset_peak_rss, lambda: status_bytes("VmHWM")
 
 
 def measure(name: str, method: str, dtype: str, batch: int, device: torch.device, quick: bool, steps: int) -> dict:
@@ -183,13 +178,15 @@ def measure(name: str, method: str, dtype: str, batch: int, device: torch.device
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reset, peak = _peak_tracker(device)
-    reset()  # the peak covers warm-up and capture too: a graph's memory pool is allocated there
+    base = reset()  # the run's peak covers warm-up and capture too: a graph's memory pool is allocated there
     with autocast():
         run = _bp(model, method == "bp-graph", x, y) if method.startswith("bp") else _tpsgd(model, method, options)
     for _ in range(5):  # warm-up: optimizer state, projections, compilation, capture
         with autocast():
             run(x, y)
     sync()
+    warmup_peak = peak()
+    step_base = reset()  # a steady step's own peak (eager methods; a replayed graph allocates nothing)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -198,7 +195,14 @@ def measure(name: str, method: str, dtype: str, batch: int, device: torch.device
         sync()
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]  # the median step
-    return {"samples_per_s": batch / seconds, "step_ms": 1e3 * seconds, "peak_bytes": peak(), "batch": batch}
+    step_peak = peak()
+    return {
+        "samples_per_s": batch / seconds,
+        "step_ms": 1e3 * seconds,
+        "peak_bytes": max(warmup_peak, step_peak) - base,
+        "step_peak_bytes": step_peak - step_base,
+        "batch": batch,
+    }
 
 
 def lightning_fit(strategy: str, precision: str, device: torch.device, quick: bool, steps: int) -> dict:
@@ -236,6 +240,7 @@ def lightning_fit(strategy: str, precision: str, device: torch.device, quick: bo
         "bp": "auto",
         "tpsgd": TPSGDStrategy(rule="ce"),
         "tpsgd-compile": TPSGDStrategy(rule="ce", compile=True),
+        "tpsgd-nolog": TPSGDStrategy(rule="ce", log_local_losses=False),
         "tpsgd@auto": TPSGDStrategy(),
         "tpsgd-compile@auto": TPSGDStrategy(compile=True),
     }[strategy]
@@ -312,7 +317,7 @@ def main() -> None:
                         r = measure(name, method, dtype, batch, device, args.quick, steps)
                     except Exception as err:  # noqa: BLE001 - a failing variant is reported, the others still run
                         results[key] = {"error": f"{type(err).__name__}: {err}"[:300]}
-                        rows.append(f"| {name} | {dtype} | {batch} | {method} | failed: {results[key]['error']} |||||")
+                        rows.append(f"| {name} | {dtype} | {batch} | {method} | failed: {results[key]['error']} ||||||")
                         print(rows[-1], flush=True)
                         continue
                     finally:
@@ -322,9 +327,13 @@ def main() -> None:
                     results[key] = r
                     speed = _ratio(r["samples_per_s"], base["samples_per_s"]) if base else "–"
                     memory = _ratio(r["peak_bytes"], base["peak_bytes"], 2**20) if base else "–"
+                    graph = method.split("@")[0].endswith("-graph")
+                    step_memory = (
+                        "–" if graph or not base else _ratio(r["step_peak_bytes"], base["step_peak_bytes"], 2**20)
+                    )
                     rows.append(
                         f"| {name} | {dtype} | {batch} | {method} | {r['samples_per_s']:.0f} | {r['step_ms']:.2f} | "
-                        f"{speed}× | {r['peak_bytes'] / 2**20:.0f} | {memory} |"
+                        f"{speed}× | {r['peak_bytes'] / 2**20:.0f} | {memory} | {step_memory} |"
                     )
                     print(rows[-1], flush=True)
                     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -332,7 +341,7 @@ def main() -> None:
     if args.lightning:
         for dtype in args.precisions:
             base = None
-            for strategy in ("bp", "tpsgd", "tpsgd-compile", "tpsgd@auto", "tpsgd-compile@auto"):
+            for strategy in ("bp", "tpsgd", "tpsgd-nolog", "tpsgd-compile", "tpsgd@auto", "tpsgd-compile@auto"):
                 key = f"lightning/convnet4/{dtype}/{strategy}"
                 try:
                     r = lightning_fit(strategy, dtype, device, args.quick, steps)
@@ -352,11 +361,13 @@ def main() -> None:
         "",
         f"Command: `python -m benchmarks.gpu_check {shlex.join(sys.argv[1:])}` ({_versions(device)}); "
         f"median of {steps} timed steps after 5 warm-up steps; peak memory = {memory_kind} above the memory held "
-        "before the model's first step (warm-up, compilation and graph capture included). Ratios against `bp`, "
-        "the eager backpropagation step of the same model, batch and precision.",
+        "before the model's first step (warm-up, compilation and graph capture included); step memory = the peak "
+        "of the timed steps above the memory held before them (eager methods: a replayed graph allocates nothing). "
+        "Ratios against `bp`, the eager backpropagation step of the same model, batch and precision.",
         "",
-        "| model | precision | batch | method | samples/s | step ms | speed vs bp | peak MiB | memory vs bp |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | precision | batch | method | samples/s | step ms | speed vs bp | peak MiB | memory vs bp "
+        "| step memory vs bp |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
