@@ -74,14 +74,15 @@ def measure(name: str, batch: int = 32) -> list[tuple[str, float, float]]:
 
     rows = [("backprop", *count_ops(bp_step))]
     variants = {
-        "tpSGD, validate=True": {},
-        "tpSGD, validate=False": {"validate": False},
-        "tpSGD, compile=True, validate=False": {"compile": True, "validate": False},
+        "tpSGD ce, validate=True": {"rule": "ce"},
+        "tpSGD ce, validate=False": {"rule": "ce", "validate": False},
+        "tpSGD ce, compile=True, validate=False": {"rule": "ce", "compile": True, "validate": False},
+        "tpSGD default rule, validate=False": {"validate": False},
+        "tpSGD default rule, compile=True, validate=False": {"compile": True, "validate": False},
     }
     for label, extra in variants.items():
-        learner = LocalLearner(  # rule "ce", what step_ops.md was measured with: compile fuses closed-form rules
-            copy.deepcopy(model), rule="ce", optimizer=lambda p: torch.optim.SGD(p, lr=0.01), **options, **extra
-        )
+        options_here = {**options, **extra}
+        learner = LocalLearner(copy.deepcopy(model), optimizer=lambda p: torch.optim.SGD(p, lr=0.01), **options_here)
         rows.append((label, *count_ops(lambda learner=learner: learner.step(x, y))))
         learner.close()
     return rows
@@ -99,7 +100,8 @@ def main() -> None:
         f"Command: `python -m benchmarks.step_ops {shlex.join(sys.argv[1:])}` (torch {torch.__version__}); batch 32, "
         "SGD for both methods, one steady step (after two warm-up steps; with `validate=True` no step of the "
         "profiled ones reads the deferred checks). `compile=True` fuses each block's local gradient with "
-        "`torch.compile`.",
+        '`torch.compile`. Rule `ce` (closed form) and the default rule (`"auto"`: `learned` readouts on '
+        "Linear/Conv blocks, `ce` on the recurrent layer).",
         "",
         "| model | method | aten ops / step | vs backprop | host reads / step |",
         "|---|---|---|---|---|",
