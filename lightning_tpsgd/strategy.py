@@ -128,7 +128,7 @@ class _LocalLearning:
             return None
         losses = learner.local_losses()
         if self.log_local_losses:
-            _log_local_losses(self.lightning_module, losses, labels.shape[0])
+            _log_local_losses(self.lightning_module, losses, labels.shape[0], per_layer=_loggers_write(trainer))
         if output is None:  # a layer-wise stage training a hidden block: the output layer is not computed
             total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=labels.device)
             return total.detach().requires_grad_()  # a leaf for Lightning's backward; carries no gradient
@@ -205,8 +205,9 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
             ``check_every`` steps without stalling the device, and at the start of every epoch. ``False``: a
             training step copies nothing from the device to the host.
         check_every: steps between two reads of the device-side checks.
-        log_local_losses: log each block's local loss as ``tpsgd/<layer>/loss`` (to the loggers) and their
-            mean as ``tpsgd/loss`` (to the loggers and the progress bar).
+        log_local_losses: log the mean local loss as ``tpsgd/loss`` every step (to the loggers and the progress
+            bar) and each block's as ``tpsgd/<layer>/loss`` (to the loggers) on the steps the loggers write
+            (``log_every_n_steps``) and on each epoch's last batch.
         lean: lean-memory mode: projections regenerated from the seed, no graph and no output-sized
             buffers for Linear/Conv blocks with a (leaky) ReLU (see ``LocalLearner``).
         compile: fuse each block's local loss and gradient with ``torch.compile`` (fewer kernel launches;
@@ -422,10 +423,22 @@ def _check_schedule(trainer: Any, learner: LocalLearner) -> None:
     )
 
 
-def _log_local_losses(module: Any, losses: Mapping[str, Tensor], batch_size: int) -> None:
-    """Log each local loss as ``tpsgd/<layer>/loss`` (loggers only), their mean as ``tpsgd/loss`` (and on the bar)."""
-    for name, value in losses.items():
-        module.log(f"tpsgd/{name}/loss", value, batch_size=batch_size)
+def _loggers_write(trainer: Any) -> bool:
+    """Whether the loggers write step metrics after this batch (every ``log_every_n_steps``), or it ends the epoch.
+
+    ``LightningModule.log`` costs about as much as a small layer's step on a GPU, so the per-layer losses are
+    logged only when a logger or an epoch-end callback reads them.
+    """
+    every = max(int(trainer.log_every_n_steps), 1)
+    return (trainer.global_step + 1) % every == 0 or trainer.is_last_batch or trainer.should_stop
+
+
+def _log_local_losses(module: Any, losses: Mapping[str, Tensor], batch_size: int, per_layer: bool) -> None:
+    """Log the mean local loss as ``tpsgd/loss`` (loggers and progress bar) and, with ``per_layer``, each local
+    loss as ``tpsgd/<layer>/loss`` (loggers only)."""
+    if per_layer:
+        for name, value in losses.items():
+            module.log(f"tpsgd/{name}/loss", value, batch_size=batch_size)
     if losses:
         mean = torch.stack([v.float() for v in losses.values()]).mean()
         module.log("tpsgd/loss", mean, prog_bar=True, batch_size=batch_size)

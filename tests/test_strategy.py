@@ -443,3 +443,18 @@ def test_readme_options_table_documents_every_option_and_conv_projection():
     for name in conv_names:
         assert f'"{name}"' in rows["conv_projection"], name
         assert f'``"{name}"``' in TPSGDStrategy.__doc__.split("conv_projection:", 1)[1].split("target:", 1)[0], name
+
+
+def test_per_layer_local_losses_are_logged_when_the_loggers_write_and_at_epoch_end():
+    logged = []
+
+    class Recording(Net):
+        def log(self, name, *args, **kwargs):
+            if name.startswith("tpsgd/"):
+                logged.append((self.trainer.global_step, name))
+            return super().log(name, *args, **kwargs)
+
+    trainer(strategy="tpsgd", max_epochs=1, log_every_n_steps=2).fit(Recording(), loader(n=80))  # 5 batches
+    per_layer = sorted({step for step, name in logged if name == "tpsgd/net.0/loss"})
+    assert per_layer == [1, 3, 4]  # the loggers write after steps 2 and 4 (1-based); step 5 ends the epoch
+    assert sorted({step for step, name in logged if name == "tpsgd/loss"}) == [0, 1, 2, 3, 4]
