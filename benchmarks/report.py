@@ -38,6 +38,11 @@ SECTIONS = [
     ("fig4", "Figure 4: CNN scaling grid on CIFAR-10 (`benchmarks/fig4.py`)"),
     ("ddp", "Data-parallel tpSGD, 2 processes vs 1 (`benchmarks/ddp.py`)"),
     ("gpu_check", "Device check, CUDA or CPU (`benchmarks/gpu_check.py`)"),
+    (
+        "gpu_check_lightning",
+        "Device check, `Trainer.fit` rerun with per-layer losses logged at the loggers' cadence "
+        "(`benchmarks/gpu_check.py --lightning`)",
+    ),
     ("step_ops", "Kernel launches and host reads per step, CPU proxy (`benchmarks/step_ops.py`)"),
 ]
 QUICK_BANNER = (
