@@ -127,6 +127,21 @@ def run_benchmark(
 _DATAMODULES: dict[tuple, Any] = {}
 
 
+def quiet_trainer(**kwargs: Any) -> Any:
+    """A Lightning ``Trainer`` for a benchmark run: no logger, checkpoints, progress bar, model summary or sanity
+    validation; ``kwargs`` set everything else (and may override these)."""
+    import lightning as L
+
+    quiet = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**quiet, **kwargs})
+
+
 def cached_datamodule(cls: type, **kwargs: Any) -> Any:
     """``cls(**kwargs)`` after ``setup()``, reused by later runs with the same arguments (in-memory data)."""
     key = (cls.__name__, tuple(sorted(kwargs.items())))

@@ -108,17 +108,12 @@ def _strategy(method: str) -> Any:
 
 
 def _trainer(method: str, epochs: int, callbacks: list, **kwargs: Any) -> Any:
-    import lightning as L
+    from ._paper_runs import quiet_trainer
 
-    return L.Trainer(
+    return quiet_trainer(
         accelerator="cpu",
         max_epochs=epochs,
         strategy=_strategy(method),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=callbacks,
         **kwargs,
     )

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._memory import SavedTensorMeter, reset_peak_rss, status_bytes
+from ._paper_runs import quiet_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = {  # paper Tables 2 and 3 (test accuracy, %)
@@ -86,15 +87,10 @@ def run_accuracy(
         layers = [m for m in module.net if isinstance(m, (nn.Linear, nn.Conv2d))]
         for layer in layers[:-1]:
             layer.requires_grad_(False)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         max_epochs=1 if quick else epochs,
         strategy=_strategy(method),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     start = time.perf_counter()

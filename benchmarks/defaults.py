@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._paper_runs import quiet_trainer
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_METHODS = ("tpsgd", "bp", "control")
 TRAIN_SUBSET = 20_000  # training images (sequences) per run; the full test set is used
@@ -291,16 +293,11 @@ def run(row_name: str, method: str, seed: int, data_dir: str | None, quick: bool
         _freeze_hidden(module)
     dm = _datamodule(row, seed, data_dir, quick)
     recorder = _BlockRecorder()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         max_epochs=1 if quick else row.epochs,
         strategy=_strategy(method),
         callbacks=[recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     start = time.perf_counter()

@@ -51,6 +51,7 @@ from torch import nn
 from lightning_tpsgd import LocalLearner
 
 from ._memory import reset_peak_rss, status_bytes
+from ._paper_runs import quiet_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = (
@@ -244,16 +245,12 @@ def lightning_fit(strategy: str, precision: str, device: torch.device, quick: bo
         "tpsgd@auto": TPSGDStrategy(),
         "tpsgd-compile@auto": TPSGDStrategy(compile=True),
     }[strategy]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         strategy=chosen,
         precision="bf16-mixed" if precision == "bf16" else "32-true",
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[Timer()],
     )
     trainer.fit(model, DataLoader(data, batch_size=batch, pin_memory=device.type == "cuda"))

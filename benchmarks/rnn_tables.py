@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ._memory import SavedTensorMeter, reset_peak_rss, status_bytes
+from ._paper_runs import quiet_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "rnn_tables"
@@ -316,18 +317,13 @@ def run_one(
         layer_lr={"net.0": settings["rnn_lr"]} if settings.get("rnn_lr") is not None else None,
     )
     log = _EpochLog()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
         devices=1,
         max_epochs=epochs,
         strategy=_strategy(column, TABLES[table], settings, epochs),
         gradient_clip_val=settings.get("bp_grad_clip") if column == "bp" else None,
         callbacks=[log],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     if column != "random":
@@ -489,7 +485,7 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
                     else "auto"
                 )
                 log = _EpochLog()
-                trainer = L.Trainer(
+                trainer = quiet_trainer(
                     accelerator=args.accelerator,
                     devices=1,
                     max_epochs=2 if layerwise else 1,
@@ -498,11 +494,6 @@ def speed_part(args: argparse.Namespace, store: dict) -> None:
                     callbacks=[log],
                     limit_train_batches=args.speed_batches,
                     limit_val_batches=0,
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    num_sanity_val_steps=0,
                 )
                 trainer.fit(module, datamodule=dm)
                 wall[method].append(log.times[0])
