@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_tpsgd import LocalLearner, engine, find_blocks
-from lightning_tpsgd.engine import _explicit_grad_ok
+from lightning_tpsgd import LocalLearner, find_blocks
+from lightning_tpsgd.engine import kernels
+from lightning_tpsgd.engine.kernels import explicit_grad_ok as _explicit_grad_ok
 from lightning_tpsgd.functional import readout_ce, tpsgd_l2
 
 
@@ -523,7 +524,7 @@ def test_local_gradients_equal_autograd_of_the_local_loss(activation, rule):
 @pytest.mark.parametrize("slice_bytes", [None, 1], ids=["one-slice", "five-slices"])
 def test_lean_mode_gives_the_same_gradients_without_a_graph(rule, layers, slice_bytes, monkeypatch):
     if slice_bytes is not None:  # slices of an eighth of the batch (rounded up: 2 of 10 samples)
-        monkeypatch.setattr(engine, "_LEAN_SLICE_BYTES", slice_bytes)
+        monkeypatch.setattr(kernels, "LEAN_SLICE_BYTES", slice_bytes)
     x, y = batch(n=10, shape=(1, 8, 8))
     if isinstance(layers()[0], nn.Conv1d):
         x = x.view(10, 8, 8)
@@ -969,7 +970,7 @@ def test_lean_mode_draws_each_projection_on_the_block_device_at_each_use(project
     block, h = learner.hidden[0], torch.empty(8, 4, 6, 6, device="meta")
     for _ in range(2):
         with _DevicesOfOps() as ops:
-            P = learner._projection_of(block, h)
+            P = learner._store.of(block, h, True)
         assert P.device.type == "meta" and P.shape == (10, 4, 6, 6)
         assert {device for device, _ in ops.devices} == {"meta"}, ops.devices  # no CPU draw, no copy
         assert block.projection.P is None  # not stored
@@ -979,7 +980,7 @@ def test_lean_and_default_modes_draw_the_same_projections():
     Ps = []
     for lean in (False, True):
         learner = LocalLearner(cnn(), lean=lean, seed=5, rule="ce")  # what "auto" picks in lean mode
-        Ps.append(learner._projection_of(learner.hidden[1], torch.empty(8, 6, 3, 3)))
+        Ps.append(learner._store.of(learner.hidden[1], torch.empty(8, 6, 3, 3), True))
     assert torch.equal(*Ps)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.kernels import local_grad
 from ..projections import list_projections
 from ..rules import DRTP, TPSGDL1, TPSGDL2, LocalRule
 from .base import LocalContext, LocalModule
@@ -542,11 +543,11 @@ def _local_cell(
         if vectorised:
             torch.index_select(targets[a:b], 1, labels, out=G)
             # the rule's mean over the chunk's n·B·H elements is 1/n of the sum of its per-step means
-            chunk_loss, g, c = rule.loss_and_grad_(h_rule, G)
-            if g is not G:
-                G.copy_(g)
-            loss += chunk_loss * n
-            scale = c * n
+            step = local_grad(rule, h_rule, target=G)
+            if step.grad is not G:
+                G.copy_(step.grad)
+            loss += step.loss * n
+            scale = step.scale * n
         else:
             for i in range(n):
                 loss += per_step(h_rule[i], labels, targets[a + i], G[i])
@@ -604,27 +605,17 @@ def _add_product(grad: Tensor, D: Tensor, inputs: Tensor, scale: float = 1.0) ->
 
 
 def _rule_grad(rule: LocalRule) -> _RuleGrad:
-    """Resolve a rule once into ``(h_t, y, B_t, out) -> J_t`` that writes ``dJ_t/dh_t`` into ``out``."""
-    if rule.closed_form:
+    """Bind a rule into ``(h_t, y, B_t, out) -> J_t`` that writes ``dJ_t/dh_t`` into ``out`` (:func:`local_grad`)."""
 
-        def closed_form(h: Tensor, y: Tensor, P: Tensor, out: Tensor) -> Tensor:
-            loss, g, c = rule.projected_loss_and_grad(h, y, P, out=out)  # dJ/dh = c * g, g written into out
-            if g is not out:
-                out.copy_(g)
-            out.mul_(c)
-            return loss
+    def rule_grad(h: Tensor, y: Tensor, P: Tensor, out: Tensor) -> Tensor:
+        step = local_grad(rule, h, y, P, out=out)
+        if step.grad is not out:
+            out.copy_(step.grad)
+        if step.scale is not None:
+            out.mul_(step.scale)
+        return step.loss
 
-        return closed_form
-
-    def autograd_grad(h: Tensor, y: Tensor, P: Tensor, out: Tensor) -> Tensor:
-        with torch.enable_grad():
-            leaf = h.clone().requires_grad_()  # a graph for the loss of this step only
-            loss = rule.projected_loss(leaf, y, P)
-            (grad,) = torch.autograd.grad(loss, leaf)
-        out.copy_(grad)
-        return loss.detach()
-
-    return autograd_grad
+    return rule_grad
 
 
 def _check_choice(what: str, value: str | None, valid: Sequence[str]) -> None:
