@@ -34,12 +34,27 @@ def test_core_is_pure_pytorch(path):
         assert name not in (".strategy", ".cli", "..strategy", "..cli"), f"{path.name} imports {name}"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "zoo").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
-def test_zoo_does_not_import_the_strategy_and_only_the_adaptor_imports_timm(path):
+ZOO = sorted((ROOT / "zoo").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", ZOO, ids=lambda p: str(p.relative_to(ROOT)))
+def test_zoo_does_not_import_the_strategy_and_only_the_builder_imports_timm(path):
     for name in _imports(path):
         assert not name.startswith(("lightning_tpsgd.strategy", "lightning_tpsgd.cli")), f"{path.name} imports {name}"
         if name.startswith("timm"):
-            assert path.name == "adaptor.py", f"{path.name} imports timm"
+            assert path.name == "_builder.py", f"{path.name} imports timm"
+            assert not any(part.startswith("_") for part in name.split(".")), f"{path.name} imports private {name}"
+
+
+@pytest.mark.parametrize("path", ZOO, ids=lambda p: str(p.relative_to(ROOT)))
+def test_zoo_imports_no_private_names(path):
+    """A name that two modules use is public in one of them; the engine is used through its public API."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            private = [alias.name for alias in node.names if alias.name.startswith("_")]
+            assert not private, f"{path.name} imports private {private} from {node.module}"
+            if node.module and node.module.startswith("lightning_tpsgd"):
+                assert node.module in ("lightning_tpsgd", "lightning_tpsgd.engine", "lightning_tpsgd.nn"), node.module
 
 
 def test_only_the_engine_detaches_block_outputs():

@@ -63,10 +63,11 @@ def fingerprint(x: Tensor) -> Tensor:
 class FeatureCache:
     """Features of a frozen backbone, stored once per distinct input and reused across epochs.
 
-    Pass ``cache_features=True`` to :class:`~zoo.TimmAdaptor` for a private cache, or one ``FeatureCache``
-    to several adaptors on the same backbone and taps (e.g. seeds of a sweep) to share it. A cache is bound
-    to the first backbone that uses it; another backbone raises. Storage grows in chunks of ``chunk_rows``
-    samples, so it never over-allocates by more than one chunk and never copies what it already holds.
+    Pass ``cache_features=True`` to :class:`~zoo.ImageClassifier` or :class:`~zoo.TimmAdaptor` for a private
+    cache, or one ``FeatureCache`` to several adaptors on the same backbone and taps (e.g. seeds of a sweep) to
+    share it. A cache is bound to the first backbone that uses it; another backbone raises. Storage grows in
+    chunks of ``chunk_rows`` samples, so it never over-allocates by more than one chunk and never copies what it
+    already holds.
 
     Memory: in memory the cache holds ``nbytes`` (e.g. 20 KB per image for the deepest tap of
     EfficientNet-Lite0 at 112 px in float32, 274 MB for all of Imagenette). With ``directory`` the features

@@ -2,7 +2,7 @@
 
 Nothing here imports timm or touches the network. :func:`read_state_dict` reads a ``.safetensors`` or
 ``.pth`` file; :func:`package_state_dict` finds the weights shipped by an installed package (see
-:data:`PACKAGE_WEIGHTS`) and renames their keys onto the timm model. :mod:`zoo.adaptor` decides the
+:data:`PACKAGE_WEIGHTS`) and renames their keys onto the timm model. :mod:`zoo._builder` decides the
 order in which these sources are tried.
 """
 

@@ -1,4 +1,4 @@
-"""Export a trained :class:`~zoo.TimmAdaptor` (frozen backbone + adaptors) to ONNX for deployment.
+"""Export a trained adaptor (:class:`~zoo.TimmAdaptor` or :class:`~zoo.Adaptor`: frozen backbone + adaptors) to ONNX.
 
 Needs the optional extra ``onnx`` (``pip install lightning-tpsgd[onnx]``) only to check the file; the export
 itself uses ``torch.onnx`` (the TorchScript-based exporter, which needs no extra package).
@@ -27,11 +27,11 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` (backbone + adaptors, in eval mode) as an ONNX graph ``images -> logits``.
 
-    The exported graph is :meth:`TimmAdaptor.forward`: it takes normalized images and never uses the
-    feature cache. The model is put in eval mode for the export and restored afterwards.
+    The exported graph is the model's ``forward``: it takes normalized images and never uses the feature cache.
+    The model is put in eval mode for the export and restored afterwards.
 
     Args:
-        model: a :class:`~zoo.TimmAdaptor` (or any module taking ``(B, C, H, W)`` images).
+        model: a :class:`~zoo.TimmAdaptor` or :class:`~zoo.Adaptor` (or any module taking ``(B, C, H, W)`` images).
         path: the ``.onnx`` file to write (parent folders are created).
         img_size: square input size; default ``model.img_size``.
         in_chans: input channels; default ``model.in_chans`` or 3.

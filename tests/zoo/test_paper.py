@@ -1,20 +1,21 @@
-"""Tests for zoo/_registry.py, zoo/paper.py and zoo/rnn.py, generated from the flat models in ``list_models()``.
+"""Tests for zoo/paper.py (and the recurrent entrypoints of zoo/rnn.py), generated from the flat models.
 
-The residual models of zoo/resnet_cifar.py are not flat chains of layers; tests/zoo/test_resnet_cifar.py covers them.
+A flat model is a chain of leaf modules run in registration order: every entrypoint of :mod:`zoo.paper` and
+:mod:`zoo.rnn`. The residual CIFAR ResNets (test_resnet_cifar.py) and the adaptor on a frozen timm backbone
+(test_adaptor.py) are not flat; the registry itself is tested in test_registry.py.
 """
 
 from __future__ import annotations
-
-import re
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import zoo
+import zoo.paper
+import zoo.rnn
 from lightning_tpsgd.nn import RNN
-from zoo import LastHidden, _registry, create_model, is_model, list_models, register_model
+from zoo import LastHidden, create_model, list_models
 
 # Small but valid kwargs per model so every test runs in milliseconds. Models with required arguments, or
 # whose defaults are large (vgg11 at 224x224, convnet4 at 64x64), must be listed here.
@@ -31,9 +32,8 @@ SMALL_KWARGS: dict[str, dict] = {
 }
 NUM_CLASSES = 5
 BATCH = 3
-# The flat models: every registered model except those of the modules below, which have skips.
-RESIDUAL_MODULES = ("zoo.resnet_cifar",)
-FLAT_MODELS = [name for name in list_models() if _registry._model_entrypoints[name].__module__ not in RESIDUAL_MODULES]
+# The flat models: the registered entrypoints of zoo.paper and zoo.rnn (@register_model lists them in __all__).
+FLAT_MODELS = [name for name in list_models() if name in {*zoo.paper.__all__, *zoo.rnn.__all__}]
 
 # The strategy splits a model into blocks: a trainable layer plus the parameter-free modules (and norm layers)
 # that follow it. Zoo models may contain only these leaf types.
@@ -57,7 +57,7 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def test_paper_models_are_registered():
     assert FLAT_MODELS == ["birnn1", "cnn2", "convgrid", "convnet4", "mlp", "mlp2", "rnn1", "rnn2", "vgg11"]
-    assert set(list_models()) <= set(zoo.__all__)
+    assert set(FLAT_MODELS) <= set(zoo.__all__)
     assert set(FLAT_MODELS) <= set(SMALL_KWARGS), "add small kwargs for the new model to SMALL_KWARGS"
 
 
@@ -219,44 +219,3 @@ BAD_INPUTS = [
 def test_bad_inputs(name, kwargs, error, match):
     with pytest.raises(error, match=match):
         create_model(name, **kwargs)
-
-
-def test_create_model_drops_none_kwargs():
-    model = create_model("cnn2", filters=None, input_size=None, in_chans=None)
-    assert model[0].out_channels == 32 and model.default_cfg["input_size"] == (1, 28, 28)
-
-
-def test_unknown_model_lists_valid_names():
-    with pytest.raises(
-        ValueError, match=re.escape("Unknown model 'cnn3'. Did you mean 'cnn2'? Valid names: birnn1, cnn2,")
-    ):
-        create_model("cnn3")
-    with pytest.raises(ValueError, match="Valid names: birnn1, cnn2, convgrid, convnet4, mlp, mlp2, resnet20, "):
-        create_model("vgg16")
-
-
-def test_list_models_and_is_model():
-    assert list_models("cnn*") == ["cnn2"]
-    assert list_models("mlp*") == ["mlp", "mlp2"]
-    assert list_models("nothing*") == []
-    assert is_model("vgg11") and not is_model("vgg16")
-
-
-def test_register_model(monkeypatch):
-    monkeypatch.setattr(_registry, "_model_entrypoints", dict(_registry._model_entrypoints))
-    module = sys.modules[__name__]
-    monkeypatch.setattr(module, "__all__", [], raising=False)
-
-    @register_model
-    def tiny(num_classes: int = 10) -> nn.Module:
-        return nn.Linear(2, num_classes)
-
-    assert is_model("tiny") and "tiny" in list_models("t*") and module.__all__ == ["tiny"]
-    assert create_model("tiny", num_classes=3).out_features == 3
-
-    def cnn2() -> nn.Module:  # same name as zoo.paper.cnn2, different module
-        return nn.Identity()
-
-    with pytest.warns(UserWarning, match=r"Model 'cnn2' from zoo.paper is overwritten"):
-        register_model(cnn2)
-    assert isinstance(create_model("cnn2"), nn.Identity)
