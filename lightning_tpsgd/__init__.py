@@ -6,6 +6,7 @@ registry.
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from .config import TPSGDConfig
 from .engine import Block, LocalLearner, find_blocks
 from .projections import create_projection, list_projections
 from .rules import create_rule, list_rules
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Block",
     "LocalLearner",
+    "TPSGDConfig",
     "TPSGDDDPStrategy",
     "TPSGDStrategy",
     "create_projection",

@@ -4,30 +4,34 @@ The LightningModule stays unchanged. During ``training_step`` the engine's hooks
 block on its projected target and detach its output, so the loss the module returns reaches only the
 output layer; after Lightning's backward, :meth:`post_backward` hands the local gradients to the
 module's own optimizer, which then takes one step per batch.
+
+Both strategies override only Lightning's public hooks and properties. The devices come from the Trainer through
+``parallel_devices`` (a :class:`~lightning.pytorch.strategies.ParallelStrategy` argument, as for DDP), and what a
+Trainer hands the strategy (accelerator, precision and checkpoint plugins, devices, cluster environment) is given
+back at ``teardown``, so one strategy object can serve several Trainers.
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
 
+from .config import LabelSpec, TPSGDConfig, options_doc
 from .engine import GradSync, LocalLearner, cross_block_guard
 from .rules import RuleSpec
 
 __all__ = ["TPSGDStrategy", "TPSGDDDPStrategy", "LabelSpec"]
 
-LabelSpec = int | str | Callable[[Any], Tensor] | None
 _CHECKPOINT_KEY = "tpsgd"
 # What torch.load raises on an empty, truncated or foreign file: EOFError for an empty one, RuntimeError from its zip
 # reader (OSError when Lightning reads through fsspec), UnpicklingError/KeyError from the unpickler.
@@ -41,42 +45,85 @@ _CORRUPT_CHECKPOINT_ERRORS = (
     zipfile.BadZipFile,
 )
 _ACCESS_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError)  # their messages name the path already
-_LEARNER_OPTIONS = (
-    "rule",
-    "projection",
-    "conv_projection",
-    "target",
-    "target_scale",
-    "schedule",
-    "epochs_per_layer",
-    "seed",
-    "num_classes",
-    "output_layers",
-    "overrides",
-    "validate",
-    "check_every",
-    "lean",
-    "compile",
-)
+#: What a Trainer hands a strategy when it adopts it (besides the accelerator): given back at teardown.
+_TRAINER_FILLED = ("precision_plugin", "checkpoint_io", "parallel_devices", "cluster_environment")
+
+
+def _released_or_current(name: str) -> Any:
+    """``Strategy.<name>``, except that between two runs it shows what the last Trainer gave (see ``teardown``).
+
+    Setting the accelerator marks the strategy as adopted: a Trainer gives every strategy it adopts its accelerator.
+    """
+    base = getattr(Strategy, name)
+
+    def fget(self: Any) -> Any:
+        if self._filled is not None and not self._adopted:
+            return self._filled[name]
+        return base.fget(self)
+
+    def fset(self: Any, value: Any) -> None:
+        base.fset(self, value)
+        if name == "accelerator":
+            self._adopted = True
+
+    return property(fget, fset, doc=base.__doc__)
 
 
 class _LocalLearning:
-    """The tpSGD glue shared by the single-device and the data-parallel strategy (a mixin)."""
+    """The tpSGD glue shared by the single-device and the data-parallel strategy (a mixin).
+
+    Reuse across Trainers: a Trainer fills in a strategy's accelerator, plugins, devices and cluster environment when
+    it adopts it (and refuses a strategy that already holds another Trainer's). ``teardown`` gives them back and
+    keeps them aside: the next run of the same Trainer takes them again (``setup_environment``), a new Trainer fills
+    in its own, and in between the properties show the last run's.
+    """
 
     learner: LocalLearner | None
+    _filled: dict[str, Any] | None = None  # what the last Trainer filled in, once given back
+    _adopted = False  # a Trainer has adopted the strategy since it was given back
 
-    def _init_local_learning(self, options: dict[str, Any]) -> None:
-        self.learner_kwargs = {k: options[k] for k in _LEARNER_OPTIONS}
-        self.labels = options["labels"]
-        self.log_local_losses = options["log_local_losses"]
+    def _init_local_learning(self, config: TPSGDConfig, given: Mapping[str, Any]) -> None:
+        self.config = config
         self.learner = None
         self._checked_epoch = -1
         self._checkpoint_state: dict[str, Any] | None = None
-        # Fail on bad options now, not at the first batch (a throw-away check on a tiny model).
-        _validate_options(self.learner_kwargs)
+        # reuse across Trainers: what the user passed, and what the last Trainer filled in (see teardown)
+        self._given = {"accelerator": given.get("accelerator")} | {k: given.get(k) for k in _TRAINER_FILLED}
+        self._filled = None
+        self._adopted = False
+
+    @property
+    def labels(self) -> LabelSpec:
+        """Where the labels are in a batch (``config.labels``)."""
+        return self.config.labels
+
+    @property
+    def log_local_losses(self) -> bool:
+        """Whether the local losses are logged (``config.log_local_losses``)."""
+        return self.config.log_local_losses
 
     def _grad_sync(self) -> GradSync | None:
         return None
+
+    # ------------------------------------------------------------------ one strategy, several Trainers
+    accelerator = _released_or_current("accelerator")
+    precision_plugin = _released_or_current("precision_plugin")
+    checkpoint_io = _released_or_current("checkpoint_io")
+
+    @override
+    def setup_environment(self) -> None:
+        if self._filled is not None and not self._adopted:  # the same Trainer runs again (fit, then test)
+            for name, value in self._filled.items():
+                setattr(self, name, value)
+        self._filled = None
+        super().setup_environment()  # type: ignore[misc]
+
+    def _release_trainer(self) -> None:
+        """Give back what the Trainer filled in, so that the next Trainer adopts the strategy as the user made it."""
+        self._filled = {name: getattr(self, name) for name in self._given}
+        for name, value in self._given.items():
+            setattr(self, name, value)
+        self._adopted = False
 
     # ------------------------------------------------------------------ set-up and teardown
     def _setup_local_learning(self, trainer: Any) -> None:
@@ -84,10 +131,10 @@ class _LocalLearning:
             return
         _check_trainer(trainer)
         module = self.lightning_module
-        kwargs = dict(self.learner_kwargs)
-        if kwargs["output_layers"] is None and getattr(module, "tpsgd_output_layers", None):
-            kwargs["output_layers"] = list(module.tpsgd_output_layers)
-        self.learner = LocalLearner(module, grad_sync=self._grad_sync(), **kwargs)
+        config = self.config
+        if config.output_layers is None and getattr(module, "tpsgd_output_layers", None):
+            config = config.replace(output_layers=list(module.tpsgd_output_layers))
+        self.learner = LocalLearner(module, config=config, grad_sync=self._grad_sync())
         if self.optimizers:  # learned projections (rule "learned") train with the module's optimizer
             self.learner.attach_optimizer(self.optimizers[0])
         if self._checkpoint_state is not None:
@@ -97,7 +144,7 @@ class _LocalLearning:
 
     @override
     def on_train_end(self) -> None:
-        super().on_train_end()
+        super().on_train_end()  # type: ignore[misc]
         if self.learner is not None:
             self.learner.flush_checks()
 
@@ -106,7 +153,8 @@ class _LocalLearning:
         if self.learner is not None:
             self.learner.close()
             self.learner = None
-        super().teardown()
+        super().teardown()  # type: ignore[misc]
+        self._release_trainer()
 
     # ------------------------------------------------------------------ the training step
     @override
@@ -169,52 +217,21 @@ class _LocalLearning:
         return checkpoint
 
 
-class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
+_STRATEGY_ARGS = """
+        device: the device to train on (default: the Trainer's, from its ``accelerator`` and ``devices``).
+        accelerator: Lightning's ``Accelerator`` (default: the Trainer's).
+        checkpoint_io: Lightning's ``CheckpointIO`` plugin (default: the Trainer's).
+        precision_plugin: Lightning's ``Precision`` plugin (default: the Trainer's ``precision``)."""
+
+
+class TPSGDStrategy(_LocalLearning, ParallelStrategy):
     """Train an unchanged LightningModule without global backpropagation, on one device.
 
+    The options are those of :class:`~lightning_tpsgd.config.TPSGDConfig` (the README's options table), plus the
+    device and Lightning's plugins. The Trainer picks the device (``accelerator=``, ``devices=1``) unless
+    ``device`` is given; the strategy object can be passed to several Trainers in turn.
+
     Args:
-        rule: local rule of the hidden blocks: ``"auto"`` (default: per block kind, ``"learned"`` for Linear
-            and Conv blocks, ``"ce"`` for them in lean mode and for ``lightning_tpsgd.nn.RNN``; see
-            ``engine.AUTO_RULES``), ``"ce"`` (scale-free), ``"learned"`` (a linear readout per block,
-            initialised from its projection and trained with it by the module's optimizer, as an extra
-            parameter group), ``"l2"`` (the paper's tpSGD-ℓ2), ``"l1"``, ``"drtp"``, ``"drtp_sum"`` (DRTP at
-            the reference code's scale: summed over batch and features, see :class:`~lightning_tpsgd.rules.DRTP`)
-            or a callable ``loss(output, target)``.
-        projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
-            ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
-        conv_projection: projection for Conv blocks, over their whole ``(K, H, W)`` output: ``"filter"``
-            (default; the paper's filter-based sampling, filter k drawn from N(0, (k/K)²)), ``"naive"`` (the
-            dense kind given by ``projection``), or one dense kind regardless of ``projection``:
-            ``"uniform"``, ``"normal"``, ``"binary"``, ``"orthogonal"``.
-        target: compare targets after (``"post"``) or before (``"pre"``) the block's activation.
-        target_scale: RMS of the targets (multiplier for ``"filter"``); ignored by ``"ce"``.
-        schedule: ``"simultaneous"`` or ``"layerwise"``.
-        epochs_per_layer: layer-wise only: epochs per stage (one per hidden block, then one for the output
-            layer). Epochs beyond the schedule keep training the output layer; a ``max_epochs`` that ends
-            before the last stages fits only the first ones, with a warning naming the stages that will not run.
-        seed: seeds the projections.
-        num_classes: default: the output layer's ``out_features``; more than the output layer's outputs is an
-            error.
-        labels: where the labels are in a batch: ``None`` (the ``y`` of an ``(x, y)`` pair, or a dict's
-            ``"label"`` / ``"labels"``; any other batch is an error asking for this option), an index, a
-            key, or a callable ``batch -> labels``.
-        output_layers: layers trained by the module's loss (default: the last trainable layer), or the
-            LightningModule's ``tpsgd_output_layers`` attribute when it has one.
-        overrides: per-layer options, e.g. ``{"net.0": {"rule": "l1", "target": "pre"}}``.
-        validate: check labels and local losses, on the device: read at once on the first step, then every
-            ``check_every`` steps without stalling the device, and at the start of every epoch. ``False``: a
-            training step copies nothing from the device to the host.
-        check_every: steps between two reads of the device-side checks.
-        log_local_losses: log the mean local loss as ``tpsgd/loss`` every step (to the loggers and the progress
-            bar) and each block's as ``tpsgd/<layer>/loss`` (to the loggers) on the steps the loggers write
-            (``log_every_n_steps``) and on each epoch's last batch.
-        lean: lean-memory mode: projections regenerated from the seed, no graph and no output-sized
-            buffers for Linear/Conv blocks with a (leaky) ReLU (see ``LocalLearner``).
-        compile: fuse each block's local loss and gradient with ``torch.compile`` (fewer kernel launches;
-            needs Triton on a GPU or a C++ compiler on the CPU; the first batches pay the compilation). Closed-form
-            rules (``"ce"``, ``"l1"``, ``"l2"``, ``"drtp"``) fuse the whole local gradient; ``"learned"`` (what
-            ``"auto"`` picks for Linear and Conv blocks) its readout loss and that loss's backward.
-        device: the device to train on (default: the one the Trainer's accelerator picks).
     """
 
     strategy_name = "tpsgd"
@@ -239,12 +256,19 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
         lean: bool = False,
         compile: bool = False,
         device: str | torch.device | None = None,
-        **strategy_kwargs: Any,
+        accelerator: Any | None = None,
+        checkpoint_io: Any | None = None,
+        precision_plugin: Any | None = None,
     ) -> None:
-        super().__init__(device=device or "cpu", **strategy_kwargs)
-        self._explicit_device = device is not None
-        self.parallel_devices: list[torch.device] | None = None  # filled in by Lightning's connector
-        self._init_local_learning(locals())
+        config = TPSGDConfig.from_options(locals())
+        devices = None if device is None else [torch.device(device)]
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=devices,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._init_local_learning(config, {**locals(), "parallel_devices": devices})
 
     @classmethod
     @override
@@ -254,9 +278,23 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
     @property
     @override
     def root_device(self) -> torch.device:
-        if not self._explicit_device and self.parallel_devices:
-            return torch.device(self.parallel_devices[0])
-        return self._root_device
+        devices = self.parallel_devices or (self._filled or {}).get("parallel_devices")
+        if not devices:
+            raise RuntimeError(
+                "TPSGDStrategy has no device yet: pass it to a Trainer (which picks one from accelerator= and "
+                "devices=), or give it device=."
+            )
+        return torch.device(devices[0])
+
+    @property
+    @override
+    def is_global_zero(self) -> bool:
+        return True
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -267,6 +305,21 @@ class TPSGDStrategy(_LocalLearning, SingleDeviceStrategy):
             )
         super().setup(trainer)
         self._setup_local_learning(trainer)
+
+    @override
+    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor  # one process: nothing to reduce
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+
+TPSGDStrategy.__doc__ = f"{TPSGDStrategy.__doc__}{options_doc(8)}{_STRATEGY_ARGS}\n    "
 
 
 class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
@@ -282,6 +335,8 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
     Launch it the usual Lightning ways: its subprocess launcher (``devices=N``), ``torchrun``, or SLURM.
     Takes the options of :class:`TPSGDStrategy` (except ``device``) plus those of Lightning's
     ``DDPStrategy`` (``process_group_backend``, ``timeout``, ``start_method``, ...).
+
+    Args:
     """
 
     strategy_name = "tpsgd_ddp"
@@ -307,8 +362,9 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
         compile: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
+        config = TPSGDConfig.from_options(locals())
         super().__init__(**ddp_kwargs)
-        self._init_local_learning(locals())
+        self._init_local_learning(config, ddp_kwargs)
 
     @classmethod
     @override
@@ -333,6 +389,9 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
         return super().training_step(*args, **kwargs)
 
 
+TPSGDDDPStrategy.__doc__ = f"{TPSGDDDPStrategy.__doc__}{options_doc(8)}\n    "
+
+
 class _AllReduce:
     """:class:`~lightning_tpsgd.engine.GradSync` over ``torch.distributed``: asynchronous all-reduce per block."""
 
@@ -344,23 +403,23 @@ class _AllReduce:
         present = [g for g in grads if g is not None]
         if not present:
             return
-        flat = _flatten_dense_tensors(present)
+        flat = _flatten(present)
         work = dist.all_reduce(flat, async_op=True)
         self._works.setdefault(block.index, []).append((work, flat, list(grads)))
 
     def finish(self, pending: dict[int, list[Tensor | None]], output_params: Sequence[Tensor]) -> None:
         grads = [p.grad for p in output_params if p.grad is not None]
         if grads:
-            flat = _flatten_dense_tensors(grads)
+            flat = _flatten(grads)
             dist.all_reduce(flat)
-            for g, reduced in zip(grads, _unflatten_dense_tensors(flat.div_(self.world_size), grads), strict=True):
+            for g, reduced in zip(grads, _unflatten(flat.div_(self.world_size), grads), strict=True):
                 g.copy_(reduced)
         for index, entries in self._works.items():
             total: list[Tensor | None] | None = None
             for work, flat, like in entries:
                 work.wait()
                 present = [g for g in like if g is not None]
-                it = iter(_unflatten_dense_tensors(flat.div_(self.world_size), present))
+                it = iter(_unflatten(flat.div_(self.world_size), present))
                 reduced = [None if g is None else next(it) for g in like]
                 total = (
                     reduced
@@ -371,6 +430,16 @@ class _AllReduce:
         self._works.clear()
 
 
+def _flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """One contiguous buffer holding ``tensors`` one after the other (for a single all-reduce)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of ``flat`` shaped like ``like`` (the inverse of :func:`_flatten`)."""
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
+
+
 def _broadcast_module(module: torch.nn.Module, parameters: bool = True) -> None:
     """Broadcast parameters (optionally) and floating buffers from rank 0."""
     if not dist.is_available() or not dist.is_initialized():
@@ -379,14 +448,6 @@ def _broadcast_module(module: torch.nn.Module, parameters: bool = True) -> None:
     tensors += [b for b in module.buffers() if b.is_floating_point()]
     for t in tensors:
         dist.broadcast(t, 0)
-
-
-def _validate_options(kwargs: Mapping[str, Any]) -> None:
-    probe = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
-    checked = {k: v for k, v in kwargs.items() if k not in ("output_layers", "overrides", "num_classes")}
-    if checked["schedule"] == "layerwise" and isinstance(checked["epochs_per_layer"], Sequence):
-        checked["epochs_per_layer"] = 1  # its length is checked against the real model at setup
-    LocalLearner(probe, num_classes=2, **checked).close()
 
 
 def _check_trainer(trainer: Any) -> None:

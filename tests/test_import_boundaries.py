@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = ["functional.py", "projections.py", "rules.py", "engine", "_registry.py", "nn"]
+PURE = ["functional.py", "projections.py", "rules.py", "config.py", "engine", "_registry.py", "nn"]
 FORBIDDEN_IN_PURE = ("lightning", "pytorch_lightning", "timm", "lightning_tpsgd.strategy", "lightning_tpsgd.cli")
 
 

@@ -1,7 +1,3 @@
-import inspect
-import re
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
@@ -13,7 +9,6 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lightning_tpsgd
 from lightning_tpsgd import TPSGDStrategy
-from lightning_tpsgd.projections import list_projections
 
 
 class Net(L.LightningModule):
@@ -326,15 +321,6 @@ def test_gradient_clipping_applies_to_local_gradients():
     assert moved < (reference.net[0].weight - Net().net[0].weight).abs().max()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"rule": "l7"}, "Unknown rule 'l7'"), ({"schedule": "layerwise"}, "needs epochs_per_layer")],
-)
-def test_bad_strategy_options_fail_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        TPSGDStrategy(**kwargs)
-
-
 def test_bf16_mixed_precision_trains():
     model = Net()
     trainer(strategy="tpsgd", precision="bf16-mixed", max_steps=2).fit(model, loader())
@@ -432,19 +418,6 @@ def test_a_nan_local_loss_after_the_first_step_is_reported_by_the_next_epoch():
         trainer(strategy=TPSGDStrategy(check_every=1000), max_epochs=2).fit(Diverging(), loader())
 
 
-def test_readme_options_table_documents_every_option_and_conv_projection():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Options", 1)[1].split("\n\n**", 1)[0]
-    rows = {m.group(1): line for line in section.splitlines() if (m := re.match(r"\| `(\w+)` \|", line))}
-    options = set(inspect.signature(TPSGDStrategy).parameters) - {"device", "strategy_kwargs"}
-    assert options <= set(rows), sorted(options - set(rows))
-    conv_names = ["naive", *list_projections()]
-    assert len(conv_names) == 6
-    for name in conv_names:
-        assert f'"{name}"' in rows["conv_projection"], name
-        assert f'``"{name}"``' in TPSGDStrategy.__doc__.split("conv_projection:", 1)[1].split("target:", 1)[0], name
-
-
 def test_per_layer_local_losses_are_logged_when_the_loggers_write_and_at_epoch_end():
     logged = []
 
@@ -458,3 +431,28 @@ def test_per_layer_local_losses_are_logged_when_the_loggers_write_and_at_epoch_e
     per_layer = sorted({step for step, name in logged if name == "tpsgd/net.0/loss"})
     assert per_layer == [1, 3, 4]  # the loggers write after steps 2 and 4 (1-based); step 5 ends the epoch
     assert sorted({step for step, name in logged if name == "tpsgd/loss"}) == [0, 1, 2, 3, 4]
+
+
+def test_one_strategy_object_serves_several_trainers():
+    strategy = TPSGDStrategy(rule="l2")
+    reference, first, again = Net(), Net(), Net()
+    trainer(strategy=TPSGDStrategy(rule="l2"), max_steps=3).fit(reference, loader())
+    one = trainer(strategy=strategy, max_steps=3)
+    one.fit(first, loader())
+    one.validate(first, loader())  # the same Trainer runs again with what it gave the strategy
+    assert one.strategy.root_device == torch.device("cpu")
+    two = trainer(strategy=strategy, max_steps=3, precision="bf16-mixed")  # failed: "parallel_devices set through"
+    two.fit(Net(), loader())
+    assert two.strategy is strategy and two.precision == "bf16-mixed"  # the second Trainer's settings, not the first's
+    trainer(strategy=strategy, max_steps=3).fit(again, loader())
+    for (name, a), b, c in zip(reference.named_parameters(), first.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+        torch.testing.assert_close(c, a, msg=name)
+
+
+def test_an_explicit_device_wins_and_several_devices_are_an_error():
+    strategy = TPSGDStrategy(device="cpu")
+    trainer(strategy=strategy, max_steps=1).fit(Net(), loader())
+    assert strategy.parallel_devices == [torch.device("cpu")]
+    with pytest.raises(RuntimeError, match="TPSGDStrategy has no device yet"):
+        TPSGDStrategy().root_device  # noqa: B018

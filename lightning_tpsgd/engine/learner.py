@@ -15,17 +15,17 @@ last trainable layer called (the *output* block) is trained by the model's own l
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import TPSGDConfig, options_doc
 from ..nn.base import LocalContext
-from ..projections import create_projection, list_projections
+from ..projections import create_projection
 from ..rules import RuleSpec, create_rule
 from . import kernels
 from .blocks import Block, CallTrace, as_tap, cross_block_guard, detached, find_blocks, first_tensor, tap_of
@@ -38,13 +38,11 @@ from .checks import (
     infer_num_classes,
 )
 from .graphs import GraphedSteps
-from .schedule import SCHEDULES, Schedule, freeze
+from .schedule import Schedule, freeze
 from .store import ProjectionStore
 
 __all__ = ["AUTO_RULES", "GradSync", "LocalLearner", "StopForward"]
 
-_TARGETS = ("post", "pre")
-_OVERRIDE_KEYS = ("rule", "target", "projection", "target_scale")
 #: The rule ``rule="auto"`` (the default) gives each kind of hidden block, chosen by measurement on models
 #: written as users write them (``benchmarks/defaults.py``; README, "Rules, and why the default is auto").
 #: ``"lean"``: Linear and Conv blocks in lean mode, which stores no projection and so cannot learn one. A
@@ -63,10 +61,14 @@ class GradSync(Protocol):
         and the output layers' ``.grad``."""
 
 
-class StopForward(BaseException):
-    """Raised by the engine after the last block that trains in a layer-wise stage.
+class StopForward(Exception):
+    """Raised by the engine's hooks after the block a layer-wise stage trains; caught by :meth:`LocalLearner.run`.
 
-    It derives from ``BaseException`` so that user code's ``except Exception`` does not swallow it.
+    PyTorch has no public way for a hook to end a forward early, so the engine raises this through the model's
+    ``forward``, the way ``StopIteration`` ends a loop. It is an ordinary ``Exception``: a ``try``/``except`` in the
+    forward that cleans up and re-raises runs as for any error. A forward that catches it and goes on would compute
+    the blocks the stage leaves out, so :meth:`LocalLearner.run` reports that as an error instead of swallowing it.
+    Code that drives :meth:`LocalLearner.local_training` itself must let it propagate and catch it outside.
     """
 
 
@@ -89,73 +91,35 @@ def _rule_learns(rule: RuleSpec, lean: bool) -> bool:
 class LocalLearner:
     """Train ``model`` without global backpropagation (tpSGD, DRTP, ℓ1/ℓ2 or any local loss).
 
-    Every hidden block ``i`` is trained on a local loss between its output and the target
-    ``onehot(y) @ P_i``; the output block is trained by ``loss_fn(model(x), y)``. Use :meth:`step` in a
-    plain training loop, or let :class:`~lightning_tpsgd.TPSGDStrategy` drive the same object.
+        Every hidden block ``i`` is trained on a local loss between its output and the target
+        ``onehot(y) @ P_i``; the output block is trained by ``loss_fn(model(x), y)``. Use :meth:`step` in a
+        plain training loop, or let :class:`~lightning_tpsgd.TPSGDStrategy` drive the same object.
 
-    Args:
-        model: the network. Its blocks are taken from the call order of its first training forward (the
-            registration order does not matter); a layer called twice or a skip connection across blocks is
-            an error there.
-        num_classes: C; default: ``out_features`` of the (first) output layer, the last trainable layer called.
-            More classes than an output layer has outputs is an error (those classes could never be predicted).
-        rule: ``"auto"`` (default: per block kind, see :data:`AUTO_RULES`: ``"learned"`` for Linear and Conv
-            blocks, ``"ce"`` for them in lean mode, a LocalModule's ``tpsgd_auto_rule``: ``"ce"`` for
-            :class:`~lightning_tpsgd.nn.RNN`), ``"ce"`` (cross-entropy over cosine similarities to the
-            class targets, scale-free), ``"learned"`` (cross-entropy of a linear readout initialised from ``P``
-            and trained with the block; see :meth:`attach_optimizer`), ``"l2"`` (the paper's tpSGD-ℓ2),
-            ``"l1"`` (tpSGD-ℓ1), ``"drtp"``, ``"drtp_sum"`` (DRTP summed like its reference code), a
-            :class:`LocalRule`, or any callable ``loss(output, target) -> scalar``.
-        projection: dense projection for Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"``,
-            ``"orthogonal"``. A recurrent layer picks its own from its rule; ``overrides`` can set it.
-        conv_projection: projection for Conv blocks: ``"filter"`` (default; the paper's filter-based
-            sampling, filter k drawn from N(0, (k/K)²)), ``"naive"`` (the dense kind given by ``projection``,
-            over the whole ``K·H·W`` map), or one dense kind over that map regardless of ``projection``:
-            ``"uniform"``, ``"normal"``, ``"binary"``, ``"orthogonal"``.
-        target: compare the target with the block output after (``"post"``) or before (``"pre"``) its
-            activation.
-        target_scale: RMS of the dense targets (a multiplier for ``"filter"``); ignored by ``"ce"``. The
-            default 1 matches normalised inputs. ℓ1/ℓ2 are very sensitive to it (see the README).
-        schedule: ``"simultaneous"`` (every block every batch) or ``"layerwise"`` (block ``k`` alone
-            for ``epochs_per_layer`` epochs, earlier blocks frozen, later blocks not computed).
-        epochs_per_layer: epochs per stage of the layer-wise schedule (an int, or one per stage).
-        seed: seeds every projection (each one is drawn on the block's device from its own random stream,
-            keyed by the seed and the block name; see ``lightning_tpsgd.projections``).
-        optimizer: used by :meth:`step`: an optimizer over ``model.parameters()``, a factory
-            ``params -> Optimizer``, or ``None`` for ``Adam(lr=1e-3)``. The strategy passes none and
-            lets Lightning step the LightningModule's own optimizer (to which it attaches learned projections).
-        loss_fn: the output blocks' loss, ``loss_fn(output, y)``; default cross-entropy.
-        output_layers: names of the layers trained by ``loss_fn`` (default: the last trainable layer).
-        overrides: per-layer options, ``{"<layer name or fnmatch pattern>": {"rule": ..., "target": ...,
-            "projection": ..., "target_scale": ...}}``.
-        validate: check the labels (first step) and the local losses. The loss checks run on the device and
-            are read without stalling it: at once on the first step, then every ``check_every`` steps as soon as
-            an asynchronous copy lands, and at :meth:`flush_checks` (the strategies call it at the start of every
-            epoch). After the first step a training step copies nothing from the device to the host, with or
-            without ``validate``.
-        check_every: how often (in steps) ``validate`` reads its device-side checks after the first step.
-        compile: fuse each block's local loss and gradient with ``torch.compile``: fewer kernel launches per
-            block. For a closed-form rule (``"ce"``, ``"l1"``, ``"l2"``, ``"drtp"``) the rule's loss and gradient,
-            its scale and the (leaky) ReLU derivative, written into the activation's input as in eager mode; for
-            ``"learned"`` (which ``"auto"`` picks for Linear and Conv blocks) the readout loss and its backward
-            down to the block output and the readout. Needs a working ``torch.compile`` (Triton on a GPU, a C++
-            compiler on the CPU).
-        cuda_graph: :meth:`step` only (the pure-PyTorch loop): capture the whole training step as a CUDA graph
-            per input shape and replay it (static shapes; the model and batches on one CUDA device; an optimizer
-            built with ``capturable=True`` where it has the option; under autocast, enter it around each step).
-        lean: lean-memory mode for edge devices (not with a rule that learns its projection): projections are
-            regenerated on the block's device from their seed at every use instead of stored, and Linear/Conv
-            blocks whose tap is their (leaky) ReLU or the layer itself build no autograd graph at all: their
-            weight gradients are computed explicitly, a slice of the batch at a time, so no output-sized
-            target, loss or gradient buffer exists.
-        grad_sync: data-parallel communication of the local gradients (set by ``TPSGDDDPStrategy``).
+        Args:
+            model: the network. Its blocks are taken from the call order of its first training forward (the
+                registration order does not matter); a layer called twice or a skip connection across blocks is
+                an error there.
+            num_classes: C; default: ``out_features`` of the (first) output layer, the last trainable layer called.
+            config: the options (:class:`~lightning_tpsgd.config.TPSGDConfig`; ``labels`` and ``log_local_losses``
+                concern the strategies only); ``**options`` change single ones (``rule="l2"``).
+            optimizer: used by :meth:`step`: an optimizer over ``model.parameters()``, a factory
+                ``params -> Optimizer``, or ``None`` for ``Adam(lr=1e-3)``. The strategy passes none and
+                lets Lightning step the LightningModule's own optimizer (to which it attaches learned projections).
+            loss_fn: the output blocks' loss, ``loss_fn(output, y)``; default cross-entropy.
+            cuda_graph: :meth:`step` only (the pure-PyTorch loop): capture the whole training step as a CUDA graph
+                per input shape and replay it (static shapes; the model and batches on one CUDA device; an optimizer
+                built with ``capturable=True`` where it has the option; under autocast, enter it around each step).
+            grad_sync: data-parallel communication of the local gradients (set by ``TPSGDDDPStrategy``).
+            **options: any :class:`~lightning_tpsgd.config.TPSGDConfig` field:
 
-    Example:
-        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LeakyReLU(), nn.Linear(32, 10))
-        >>> learner = LocalLearner(model, rule="l2")
-        >>> losses = learner.step(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
-        >>> sorted(losses)
-        ['1', 'loss']
+    {options}
+
+        Example:
+            >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LeakyReLU(), nn.Linear(32, 10))
+            >>> learner = LocalLearner(model, rule="l2")
+            >>> losses = learner.step(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+            >>> sorted(losses)
+            ['1', 'loss']
     """
 
     def __init__(
@@ -163,54 +127,33 @@ class LocalLearner:
         model: nn.Module,
         num_classes: int | None = None,
         *,
-        rule: RuleSpec = "auto",
-        projection: str = "uniform",
-        conv_projection: str = "filter",
-        target: str = "post",
-        target_scale: float = 1.0,
-        schedule: str = "simultaneous",
-        epochs_per_layer: int | Sequence[int] | None = None,
-        seed: int = 0,
+        config: TPSGDConfig | None = None,
         optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-        output_layers: Sequence[str] | None = None,
-        overrides: Mapping[str, Mapping[str, Any]] | None = None,
-        validate: bool = True,
-        check_every: int = 50,
-        lean: bool = False,
-        compile: bool = False,
         cuda_graph: bool = False,
         grad_sync: GradSync | None = None,
+        **options: Any,
     ) -> None:
-        _check_choice("schedule", schedule, SCHEDULES)
-        _check_choice("target", target, _TARGETS)
-        valid_projections = list_projections()
-        _check_choice("projection", projection, [p for p in valid_projections if p != "filter"])
-        _check_choice("conv_projection", conv_projection, ["naive", *valid_projections])
-        if int(check_every) < 1:
-            raise ValueError(f"check_every must be a positive number of steps, got {check_every}.")
+        if num_classes is not None:
+            options["num_classes"] = num_classes
+        self.config = config = (config or TPSGDConfig()).replace(**options)
         self.model = model
-        self._output_layers = list(output_layers) if output_layers else None
+        self._output_layers = list(config.output_layers) if config.output_layers else None
         # provisional blocks in registration order; the first training batch replaces them (the trace)
-        self.blocks = find_blocks(model, output_layers, strict=False)
+        self.blocks = find_blocks(model, self._output_layers, strict=False)
         self.hidden = [b for b in self.blocks if not b.is_output]
-        self._num_classes_given = num_classes is not None
-        self.num_classes = num_classes if num_classes is not None else infer_num_classes(self.blocks)
+        self._num_classes_given = config.num_classes is not None
+        self.num_classes = config.num_classes if config.num_classes is not None else infer_num_classes(self.blocks)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}.")
         if self._output_layers:  # otherwise the output layer is the last one called: checked at the first batch
             check_num_classes(self.blocks, self.num_classes)
-        self.seed = int(seed)
         self.loss_fn = loss_fn
-        self.validate = validate
-        self.compile = bool(compile)
         self.cuda_graph = bool(cuda_graph)
-        self.lean = bool(lean)
         self.grad_sync = grad_sync
-        self._config = (rule, projection, conv_projection, target, target_scale, dict(overrides or {}))
-        self._schedule = Schedule(schedule, epochs_per_layer, len(self.hidden) + 1)
-        self._store = ProjectionStore(self.seed, self.lean)
-        self._checks = DeferredChecks(check_every)
+        self._schedule = Schedule(config.schedule, config.epochs_per_layer, len(self.hidden) + 1)
+        self._store = ProjectionStore(config.seed, config.lean)
+        self._checks = DeferredChecks(config.check_every)
         self._graphs = GraphedSteps(self._step, self._after_replay)
         self._configure_blocks(strict=False)
         self._store.reset(self.hidden, keep_local=False)
@@ -226,6 +169,7 @@ class LocalLearner:
         self._done: set[int] = set()  # blocks whose local step this forward has taken
         self._current: Block | None = None  # the block whose layer ran last in this forward
         self._stopped = False
+        self._stop_raised = False  # this forward raised StopForward (which the model must not swallow)
         # the first training forward
         self._trace: CallTrace | None = None
         self._immediate = True  # train each hidden block at its boundary on the traced batch (else at the end)
@@ -234,6 +178,26 @@ class LocalLearner:
         self._closed = False
         self._handles: list[Any] = []  # installed when the first batch has been traced
         self.set_epoch(0)
+
+    @property
+    def seed(self) -> int:
+        """Seeds every projection (``config.seed``)."""
+        return self.config.seed
+
+    @property
+    def lean(self) -> bool:
+        """Lean-memory mode (``config.lean``)."""
+        return self.config.lean
+
+    @property
+    def compile(self) -> bool:
+        """Fused local gradients (``config.compile``)."""
+        return self.config.compile
+
+    @property
+    def validate(self) -> bool:
+        """Label and local-loss checks (``config.validate``)."""
+        return self.config.validate
 
     # ------------------------------------------------------------------ configuration
     def _configure_blocks(self, strict: bool = True) -> None:
@@ -246,7 +210,7 @@ class LocalLearner:
         self._check_overrides(strict)
 
     def _check_overrides(self, strict: bool) -> None:
-        overrides = self._config[5]
+        overrides = self.config.overrides or {}
         # before the trace (registration order) the output layer may still turn out to be hidden
         names = [b.name for b in (self.hidden if strict else self.blocks)]
         unmatched = [p for p in overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
@@ -262,26 +226,19 @@ class LocalLearner:
         A projection built already (restored from a checkpoint, or by the traced batch) is kept when it is of
         the same kind and number of classes.
         """
-        rule, projection, conv_projection, target, target_scale, overrides = self._config
+        config = self.config
+        projection, conv_projection = config.projection, config.conv_projection
         old = block.projection
         block.clear_config()
-        opts: dict[str, Any] = {"rule": rule, "target": target, "target_scale": target_scale}
+        opts: dict[str, Any] = {"rule": config.rule, "target": config.target, "target_scale": config.target_scale}
         is_conv = block.is_conv
         opts["projection"] = (projection if conv_projection == "naive" else conv_projection) if is_conv else projection
         if block.is_local_module:
             opts["projection"] = None  # a LocalModule asks for its own projections
-        for pattern, extra in overrides.items():
+        for pattern, extra in (config.overrides or {}).items():  # keys and values checked by the config
             if fnmatch.fnmatchcase(block.name, pattern):
-                unknown = set(extra) - set(_OVERRIDE_KEYS)
-                if unknown:
-                    raise ValueError(
-                        f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; valid keys: {_OVERRIDE_KEYS}."
-                    )
                 opts.update(extra)
-        _check_choice(f"target of block '{block.name}'", opts["target"], _TARGETS)
         scale = float(opts["target_scale"])
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"target_scale of block '{block.name}' must be positive and finite, got {scale}.")
         block.rule = create_rule(_auto_rule(block, self.lean) if opts["rule"] == "auto" else opts["rule"])
         if block.rule.learns_projection and (block.is_local_module or self.lean):
             raise ValueError(
@@ -425,7 +382,7 @@ class LocalLearner:
             else:
                 self._update(block, h, inputs[0] if inputs and isinstance(inputs[0], Tensor) else None)
             if self._stop_after(block):
-                raise StopForward
+                self._stop()
             return h.detach()
 
         return hook
@@ -438,7 +395,7 @@ class LocalLearner:
             if h is not None:
                 self._update(block, h)
             if self._stop_after(block):
-                raise StopForward
+                self._stop()
         return detached(inputs)
 
     def _update(self, block: Block, h: Tensor, z: Tensor | None = None) -> None:
@@ -478,6 +435,11 @@ class LocalLearner:
         grads = iter(kernels.scale_(torch.autograd.grad(root, params, step.grad, allow_unused=True), step.scale))
         self._record(block, [step.grad_P if p is P else next(grads) for p in block.params], step.loss)
 
+    def _stop(self) -> NoReturn:
+        """End the forward after the block the layer-wise stage trains (the later blocks are not computed)."""
+        self._stop_raised = True
+        raise StopForward(f"the layer-wise stage {self.stage} trains no block after this one")
+
     def _record(self, block: Block, grads: Sequence[Tensor | None], loss: Tensor) -> None:
         if self.validate:
             if self._checks.synchronous and not bool(torch.isfinite(loss)):
@@ -512,7 +474,7 @@ class LocalLearner:
                 )
             self._record(block, grads, loss.detach())
             if self._stop_after(block) and self._trace is None:  # the traced batch runs the whole forward
-                raise StopForward
+                self._stop()
 
         return LocalContext(
             labels=self._labels,
@@ -549,7 +511,7 @@ class LocalLearner:
         self._batch = batch
         self._labels = labels.long() if labels.dtype != torch.long else labels
         self._losses = {}
-        self._current, self._stopped = None, False
+        self._current, self._stopped, self._stop_raised = None, False, False
         if tracing:
             self._start_trace(self._labels)
         trained = self._schedule.trained(self.blocks, self.hidden)
@@ -587,6 +549,12 @@ class LocalLearner:
         try:
             with self.local_training(labels, batch):
                 out = forward()
+                if self._stop_raised:
+                    raise RuntimeError(
+                        "The model's forward caught the engine's StopForward (raised after the block a layer-wise "
+                        "stage trains) and went on. Catch narrower exceptions in forward, or re-raise "
+                        "lightning_tpsgd.engine.StopForward."
+                    )
                 if self._trace is not None:
                     self._finish_trace(out)
         except StopForward:
@@ -620,7 +588,7 @@ class LocalLearner:
             widths = [b.layer.out_features for b in self.blocks if isinstance(b.layer, nn.Linear)]
             if widths and min(widths) >= 2:
                 self.num_classes = min(widths)
-        rule, overrides = self._config[0], self._config[5]
+        rule, overrides = self.config.rule, self.config.overrides or {}
         learns = any(
             _rule_learns(r, self.lean) for r in [rule, *(o["rule"] for o in overrides.values() if "rule" in o)]
         )
@@ -823,9 +791,8 @@ class LocalLearner:
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _check_choice(what: str, value: str, valid: Sequence[str]) -> None:
-    if value not in valid:
-        raise ValueError(f"Invalid {what} {value!r}; choose one of {', '.join(map(repr, valid))}.")
+_LEARNER_OPTIONS_DOC = options_doc(12, skip=("labels", "log_local_losses"))
+LocalLearner.__doc__ = (LocalLearner.__doc__ or "").replace("{options}", _LEARNER_OPTIONS_DOC)
 
 
 def _make_optimizer(

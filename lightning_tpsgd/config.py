@@ -1,0 +1,271 @@
+"""``TPSGDConfig``: the options of local learning, validated in one place and documented once.
+
+:class:`~lightning_tpsgd.engine.LocalLearner` and both strategies take the same options. They are the fields of
+:class:`TPSGDConfig`; each field's documentation is the text of the README options table
+(:func:`options_table`) and of the strategies' ``Args:`` (:func:`options_doc`), and :meth:`TPSGDConfig.__post_init__`
+is the only place that checks them. Adding an option is adding a field here (and a keyword argument to the
+strategies, which LightningCLI reads from their signatures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .projections import list_projections
+from .rules import RuleSpec, create_rule
+
+__all__ = ["LabelSpec", "TPSGDConfig", "options_doc", "options_table"]
+
+#: Where the labels are in a batch: ``None`` (guess), an index, a key, or a callable ``batch -> labels``.
+LabelSpec = int | str | Callable[[Any], Tensor] | None
+SCHEDULES = ("simultaneous", "layerwise")
+TARGETS = ("post", "pre")
+OVERRIDE_KEYS = ("rule", "target", "projection", "target_scale")
+
+
+def _option(default: Any, doc: str, shown: str | None = None) -> Any:
+    """A config field: its default, its documentation (reST), and how the README shows the default."""
+    return field(default=default, metadata={"doc": doc, "shown": shown})
+
+
+@dataclass(frozen=True)
+class TPSGDConfig:
+    """The options of local learning (see the field list, or the README's options table).
+
+    Every field is checked when the config is built: a bad value raises a ``ValueError`` (``TypeError`` for a wrong
+    type) that names the option, the value and the valid choices.
+
+    Example:
+        >>> TPSGDConfig(rule="l2", schedule="layerwise", epochs_per_layer=2).rule
+        'l2'
+    """
+
+    rule: RuleSpec = _option(
+        "auto",
+        'local rule: ``"auto"`` (per block kind, see :data:`~lightning_tpsgd.engine.AUTO_RULES`: ``"learned"`` for '
+        'Linear/Conv blocks, ``"ce"`` for them in lean mode and for the RNN), ``"ce"`` (cross-entropy over cosine '
+        'similarities to the class targets, scale-free), ``"learned"`` (a learned linear readout per block, trained '
+        'with it as an extra parameter group of the optimizer), ``"l2"`` (the paper\'s tpSGD-ℓ2), ``"l1"``, '
+        '``"drtp"`` (a mean over the block output, like the others), ``"drtp_sum"`` (DRTP at the reference code\'s '
+        'scale, summed over batch and features: N× the step of ``"drtp"``, e.g. 4,500× for batch 100 and width 1024; '
+        "the reference's weight gradient up to its sign), a ``LocalRule``, or any callable ``loss(output, target)``",
+    )
+    projection: str = _option(
+        "uniform",
+        'Linear blocks: ``"uniform"``, ``"normal"``, ``"binary"`` (±1), ``"orthogonal"`` (rows), all unit RMS; a '
+        "recurrent layer picks its own from its rule (ℓ1 binary, DRTP orthogonal) unless ``overrides`` sets one",
+    )
+    conv_projection: str = _option(
+        "filter",
+        'Conv blocks: ``"filter"`` (paper §2.4: filter k drawn from N(0, (k/K)²)); ``"naive"`` (the dense kind set by '
+        '``projection``, over K·H·W); or one dense kind over K·H·W whatever ``projection`` is: ``"uniform"``, '
+        '``"normal"``, ``"binary"``, ``"orthogonal"``',
+    )
+    target: str = _option("post", 'compare after the activation (``"post"``) or before it (``"pre"``)')
+    target_scale: float = _option(
+        1.0, 'RMS of the targets (ℓ1/ℓ2/DRTP; a multiplier for ``"filter"``; ignored by ``"ce"``)'
+    )
+    schedule: str = _option(
+        "simultaneous",
+        '``"simultaneous"``: every block every batch, one forward pass. ``"layerwise"``: the paper\'s, block k alone '
+        "for its stage's epochs, earlier blocks frozen, later blocks not computed",
+    )
+    epochs_per_layer: int | Sequence[int] | None = _option(
+        None,
+        "layer-wise: epochs per stage (int, or one per hidden block plus one for the output layer); epochs beyond "
+        "the schedule keep training the output layer",
+    )
+    seed: int = _option(
+        0,
+        "seeds every projection (drawn on the training device by a counter-based generator written with integer "
+        "tensor ops: the same numbers on every rank; uniform and binary projections bit-identical on every device, "
+        'normal ones (``"normal"``, ``"filter"``) up to the last bit of about one entry in 10⁸ between CPU and CUDA)',
+    )
+    num_classes: int | None = _option(
+        None, "C; larger than the output layer's outputs is an error", shown="from the last layer"
+    )
+    labels: LabelSpec = _option(
+        None,
+        "strategies: where the labels are: ``None`` takes the ``y`` of an ``(x, y)`` pair or a dict's "
+        '``"label"``/``"labels"`` (any other batch, e.g. ``(x, index, y)``, is an error asking for this option); or '
+        "an index, key, or callable ``batch -> labels``",
+    )
+    output_layers: Sequence[str] | None = _option(
+        None,
+        "layers trained by the model's loss (or the LightningModule's ``tpsgd_output_layers``)",
+        shown="last layer",
+    )
+    overrides: Mapping[str, Mapping[str, Any]] | None = _option(
+        None,
+        'per layer, e.g. ``{"net.0": {"rule": "l1", "target": "pre"}}`` (fnmatch patterns; keys ``rule``, '
+        "``target``, ``projection``, ``target_scale``)",
+    )
+    validate: bool = _option(
+        True,
+        "check the labels (first step) and the local losses; the loss checks run on the device and are read "
+        "without stalling it: on the first step, then every ``check_every`` steps once an asynchronous copy lands, "
+        "and at the start of each epoch. After the first step no training step copies anything from the device to "
+        "the host, with or without it",
+    )
+    check_every: int = _option(50, "steps between two reads of the device-side checks")
+    log_local_losses: bool = _option(
+        True,
+        "strategies: log the mean local loss as ``tpsgd/loss`` every step (loggers and progress bar) and each "
+        "block's as ``tpsgd/<layer>/loss`` (loggers only) on the steps the loggers write (``log_every_n_steps``) and "
+        "on each epoch's last batch: a ``self.log`` call costs about as much as a small layer's step on a GPU",
+    )
+    lean: bool = _option(
+        False,
+        "lean-memory mode: projections regenerated from the seed at every use instead of stored, and no graph and no "
+        "output-sized buffers for Linear/Conv blocks whose tap is their (leaky) ReLU or the layer itself (their "
+        "weight gradients are computed by hand, a slice of the batch at a time); not with a rule that learns its "
+        "projection",
+    )
+    compile: bool = _option(
+        False,
+        "fuse each block's local loss and gradient with ``torch.compile``: for the closed-form rules (``ce``, ``l1``, "
+        '``l2``, ``drtp``) rule, scale and activation derivative; for ``learned`` (what ``"auto"`` picks for '
+        "Linear/Conv blocks) the readout loss and its backward. On the CPU proxy "
+        "(``benchmarks/results/step_ops.md``) a step dispatches 1.04-1.08× backprop's aten ops with "
+        '``rule="ce"`` (about 3× without) and 1.20-1.29× with the default (1.9-2.2× without). Needs Triton on a GPU '
+        "or a C++ compiler on the CPU; the first batches pay the compilation (about 30 s on 2 CPU cores)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.rule != "auto":
+            create_rule(self.rule)  # unknown names, wrong types: the registry's error lists the valid ones
+        dense = [p for p in list_projections() if p != "filter"]
+        _check_choice("projection", self.projection, dense)
+        _check_choice("conv_projection", self.conv_projection, ["naive", *list_projections()])
+        _check_choice("target", self.target, TARGETS)
+        _check_scale("target_scale", self.target_scale)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_epochs(self.schedule, self.epochs_per_layer)
+        _check_int("seed", self.seed)
+        if self.num_classes is not None and (_check_int("num_classes", self.num_classes) < 2):
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}.")
+        if self.labels is not None and not isinstance(self.labels, (int, str)) and not callable(self.labels):
+            raise TypeError(
+                f"labels must be None, an index, a key or a callable batch -> labels; got {type(self.labels).__name__}."
+            )
+        if self.output_layers is not None and (
+            isinstance(self.output_layers, str) or not all(isinstance(n, str) for n in self.output_layers)
+        ):
+            raise TypeError(f"output_layers must be a list of layer names, got {self.output_layers!r}.")
+        _check_overrides(self.overrides or {}, dense)
+        for name in ("validate", "log_local_losses", "lean", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if _check_int("check_every", self.check_every) < 1:
+            raise ValueError(f"check_every must be a positive number of steps, got {self.check_every}.")
+        if self.lean and self.rule != "auto" and create_rule(self.rule).learns_projection:
+            raise ValueError(
+                f"rule={self.rule!r} learns its projection, which lean=True does not store. Use lean=False, or a "
+                'fixed-projection rule such as rule="ce" (what rule="auto" picks in lean mode).'
+            )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> TPSGDConfig:
+        """The config of the fields found in ``options`` (a strategy's ``locals()``); other keys are ignored."""
+        return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options})
+
+    def replace(self, **options: Any) -> TPSGDConfig:
+        """A copy with ``options`` changed (validated again); an unknown option is a ``TypeError`` listing them."""
+        unknown = sorted(set(options) - set(self.names()))
+        if unknown:
+            raise TypeError(f"Unknown option(s) {unknown}; the options are: {', '.join(self.names())}.")
+        return dataclasses.replace(self, **options)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names, in order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def options_doc(indent: int = 8, skip: Sequence[str] = ()) -> str:
+    """The options as Google-style ``Args:`` entries (for the strategies' docstrings, which LightningCLI reads)."""
+    lines = []
+    for f in dataclasses.fields(TPSGDConfig):
+        if f.name in skip:
+            continue
+        text = textwrap.fill(
+            f"{f.name}: {f.metadata['doc']}.",
+            width=116,
+            initial_indent=" " * indent,
+            subsequent_indent=" " * (indent + 4),
+            break_on_hyphens=False,
+        )
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def options_table() -> str:
+    """The README's options table (Markdown), generated from the field docs."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(TPSGDConfig):
+        shown = f.metadata["shown"] or f"`{f.default!r}`".replace("'", '"')
+        meaning = re.sub(r":\w+:`~?[\w.]*?(\w+)`", r"`\1`", f.metadata["doc"]).replace("``", "`")
+        rows.append(f"| `{f.name}` | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+def _check_choice(what: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"Invalid {what} {value!r}; choose one of {', '.join(map(repr, valid))}.")
+
+
+def _check_int(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}.")
+    return value
+
+
+def _check_scale(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be positive and finite, got {value}.")
+
+
+def _check_epochs(schedule: str, epochs: int | Sequence[int] | None) -> None:
+    """``epochs_per_layer`` against the schedule (its length is checked against the model's blocks later)."""
+    if schedule == "simultaneous":
+        if epochs is not None:
+            raise ValueError("epochs_per_layer only applies to schedule='layerwise'; remove it or set the schedule.")
+        return
+    if epochs is None:
+        raise ValueError("schedule='layerwise' needs epochs_per_layer (epochs each block trains before the next).")
+    values = [epochs] if isinstance(epochs, int) else list(epochs)
+    if not values or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in values):
+        raise ValueError(
+            f"epochs_per_layer must be a positive int or a list of positive ints (one per hidden block, then the "
+            f"output layer); got {epochs!r}."
+        )
+
+
+def _check_overrides(overrides: Mapping[str, Mapping[str, Any]], dense: Sequence[str]) -> None:
+    """Each override names known keys with valid values (which layers it matches is checked at the first batch)."""
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must map layer-name patterns to option dicts, got {type(overrides).__name__}.")
+    for pattern, extra in overrides.items():
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"overrides[{pattern!r}] must be a dict of options, got {type(extra).__name__}.")
+        unknown = set(extra) - set(OVERRIDE_KEYS)
+        if unknown:
+            raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; valid keys: {OVERRIDE_KEYS}.")
+        if extra.get("rule", "auto") != "auto":
+            create_rule(extra["rule"])
+        if "target" in extra:
+            _check_choice(f"target in overrides[{pattern!r}]", extra["target"], TARGETS)
+        if "target_scale" in extra:
+            _check_scale(f"target_scale in overrides[{pattern!r}]", extra["target_scale"])
+        if "projection" in extra:
+            _check_choice(f"projection in overrides[{pattern!r}]", extra["projection"], list_projections())
