@@ -45,8 +45,9 @@ _CORRUPT_CHECKPOINT_ERRORS = (
     zipfile.BadZipFile,
 )
 _ACCESS_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError)  # their messages name the path already
-#: What a Trainer hands a strategy when it adopts it (besides the accelerator): given back at teardown.
-_TRAINER_FILLED = ("precision_plugin", "checkpoint_io", "parallel_devices", "cluster_environment")
+#: What a Trainer hands a strategy when it adopts it (besides the accelerator), given back at teardown. The cluster
+#: environment is kept: a Trainer adopting the strategy takes it over and sets its ranks.
+_TRAINER_FILLED = ("precision_plugin", "checkpoint_io", "parallel_devices")
 
 
 def _released_or_current(name: str) -> Any:
@@ -72,10 +73,11 @@ def _released_or_current(name: str) -> Any:
 class _LocalLearning:
     """The tpSGD glue shared by the single-device and the data-parallel strategy (a mixin).
 
-    Reuse across Trainers: a Trainer fills in a strategy's accelerator, plugins, devices and cluster environment when
-    it adopts it (and refuses a strategy that already holds another Trainer's). ``teardown`` gives them back and
-    keeps them aside: the next run of the same Trainer takes them again (``setup_environment``), a new Trainer fills
-    in its own, and in between the properties show the last run's.
+    Reuse across Trainers: a Trainer fills in a strategy's accelerator, plugins and devices when it adopts it (and
+    refuses a strategy that already holds another Trainer's). ``teardown`` gives them back and keeps them aside: the
+    next run of the same Trainer takes them again (``setup_environment``), a new Trainer fills in its own, and in
+    between ``accelerator``, ``precision_plugin``, ``checkpoint_io`` and ``root_device`` show the last run's
+    (``parallel_devices`` is ``None`` then, so ``trainer.num_devices`` is known only during a run).
     """
 
     learner: LocalLearner | None

@@ -1,0 +1,122 @@
+"""lightning_tpsgd.engine.kernels: the local gradient of every path equals autograd of the local loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _nets import batch, cnn, local_grads, sgd
+from torch import nn
+
+from lightning_tpsgd import LocalLearner
+from lightning_tpsgd.engine import kernels
+from lightning_tpsgd.engine.kernels import local_grad
+from lightning_tpsgd.rules import CallableRule, create_rule
+
+
+@pytest.mark.parametrize(
+    "activation", [nn.LeakyReLU(0.1), nn.ReLU(), nn.LeakyReLU(0.1, inplace=True), nn.Tanh()], ids=repr
+)
+@pytest.mark.parametrize("rule", ["l2", "ce"])
+def test_local_gradients_equal_autograd_of_the_local_loss(activation, rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), activation, nn.Flatten(), nn.Linear(3 * 6 * 6, 10))
+    learner = LocalLearner(model, rule=rule)
+    x, y = batch()
+    with learner.local_training(y):
+        model(x)
+    got = local_grads(learner)[0]
+    P = learner.hidden[0].projection.P
+    h = model[1](model[0](x))
+    expected = torch.autograd.grad(learner.hidden[0].rule.projected_loss(h, y, P), list(model[0].parameters()))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["l2", "ce", "l1", "drtp"])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda: [nn.Conv2d(1, 3, 3, padding=1, stride=2), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(48, 10)],
+        lambda: [nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)],
+        lambda: [nn.Conv1d(8, 4, 3), nn.Flatten(), nn.Linear(24, 10)],
+    ],
+    ids=["conv2d-leaky", "linear-relu", "conv1d-no-activation"],
+)
+@pytest.mark.parametrize("slice_bytes", [None, 1], ids=["one-slice", "five-slices"])
+def test_lean_mode_gives_the_same_gradients_without_a_graph(rule, layers, slice_bytes, monkeypatch):
+    if slice_bytes is not None:  # slices of an eighth of the batch (rounded up: 2 of 10 samples)
+        monkeypatch.setattr(kernels, "LEAN_SLICE_BYTES", slice_bytes)
+    x, y = batch(n=10, shape=(1, 8, 8))
+    if isinstance(layers()[0], nn.Conv1d):
+        x = x.view(10, 8, 8)
+    grads = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(*layers())
+        learner = LocalLearner(model, rule=rule, lean=lean)
+        with learner.local_training(y):  # the traced first batch always builds graphs
+            model(x)
+        learner.discard()
+        with learner.local_training(y):
+            out = model(x)
+        grads.append(local_grads(learner)[0])
+        if lean:
+            assert learner.state_dict()["projections"] == {}  # regenerated from the seed, never stored
+            assert learner.hidden[0].projection.P is None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert out.requires_grad  # the output layer still trains by backpropagation of the model's loss
+
+
+def test_lean_mode_falls_back_to_autograd_for_other_blocks():
+    learner = LocalLearner(cnn(), lean=True)  # block 0 has a batch norm between conv and activation
+    logs = learner.step(*batch())
+    assert set(logs) == {"0", "4", "loss"}
+    assert [kernels.explicit_grad_ok(b) for b in learner.hidden] == [False, True]  # only block "4" builds no graph
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["ce", "l2"])
+def test_compiled_local_gradient_matches_the_eager_one(rule):
+    """``compile=True`` fuses loss, gradient, scale and activation derivative; the gradients stay the same."""
+    grads = []
+    for compiled in (False, True):
+        model = cnn()
+        learner = LocalLearner(model, rule=rule, compile=compiled, optimizer=sgd(lr=0.0))
+        learner.step(*batch())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, fused in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["l2", "l1", "ce", "drtp"])
+@pytest.mark.parametrize("slope", [None, 0.0, 0.1])
+def test_every_kernel_of_the_dispatch_gives_autograds_gradient(rule, slope):
+    """local_grad: the closed form (into a buffer or not) and the autograd kernel agree with autograd."""
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+    P = torch.randn(3, 5, generator=g)
+    rule = create_rule(rule)
+    leaf = z.clone().requires_grad_()
+    h = leaf if slope is None else F.leaky_relu(leaf, slope)
+    (expected,) = torch.autograd.grad(rule.projected_loss(h, y, P), leaf)
+    h = h.detach()
+    for kwargs in ({}, {"out": torch.empty_like(h)}):
+        step = local_grad(rule, h, y, P, slope=slope, **kwargs)
+        torch.testing.assert_close(step.grad * step.scale, expected)
+    autograd = local_grad(CallableRule(lambda out, t: rule.projected_loss(out, y, P)), h, y, P, slope=slope)
+    torch.testing.assert_close(autograd.grad, expected)
+    assert autograd.scale is None and autograd.grad_P is None
+
+
+def test_the_target_form_and_a_learned_projection():
+    g = torch.Generator().manual_seed(1)
+    h, t = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    step = local_grad(create_rule("l2"), h, target=t.clone())
+    torch.testing.assert_close(step.grad * step.scale, 2 * (h - t) / h.numel())
+    P = torch.randn(3, 6, generator=g).requires_grad_()
+    y = torch.tensor([0, 1, 2, 0])
+    step = local_grad(create_rule("learned"), h, y, P)
+    leaf = h.clone().requires_grad_()
+    expected = torch.autograd.grad(create_rule("learned").projected_loss(leaf, y, P), [leaf, P])
+    torch.testing.assert_close(step.grad, expected[0])
+    torch.testing.assert_close(step.grad_P, expected[1])
