@@ -144,33 +144,22 @@ def _check(x: Tensor, y: Tensor, solver: str, num_classes: int) -> Tensor:
 
 
 @torch.no_grad()
-def zorb(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    iterations: int = 1,
-    solver: str = "pinv",
-    ridge: float = 1e-3,
-    chunk: int = 2048,
-    rtol: float | None = None,
-) -> dict[str, Any]:
-    """Train a 2-layer leaky-ReLU MLP in place with ZORB (see the module docstring for every step).
+def zorb(model: nn.Module, x: Tensor, y: Tensor, *, iterations: int = 1, solver: str = "pinv", **kw: Any) -> dict:
+    """Train a 2-layer leaky-ReLU MLP in place with ZORB (every step in the module docstring).
 
     Args:
         model: ``zoo`` ``mlp2`` (its hidden layer's random initial weights are the ELM features).
-        x: (N, D) float training inputs, the whole training set.
-        y: (N,) integer labels.
+        x, y: the whole training set, (N, D) float inputs and (N,) integer labels.
         iterations: backward + forward passes after the initial ELM pass.
-        solver: ``"pinv"`` (full-batch Moore-Penrose pseudo-inverse, ZORB's) or ``"recursive"`` (blocked,
-            regularised normal equations).
-        ridge: relative Tikhonov term of the ``"recursive"`` solver.
-        chunk: rows per block of the ``"recursive"`` solver.
-        rtol: relative singular-value cutoff of ``torch.linalg.pinv`` (default: torch's).
+        solver: ``"pinv"`` (ZORB's full-batch pseudo-inverse) or ``"recursive"``; ``ridge``, ``chunk``, ``rtol``
+            as for :func:`lm_karnet`.
 
     Returns:
         The settings used.
     """
+    ridge, chunk, rtol = kw.pop("ridge", 1e-3), kw.pop("chunk", 2048), kw.pop("rtol", None)
+    if kw:
+        raise TypeError(f"zorb() got unexpected keyword arguments {sorted(kw)}")
     hidden, slope, out = _two_layers(model)
     y1h = _check(x, y, solver, out.out_features)
     n = len(x)
@@ -216,25 +205,17 @@ def zorb(
 
 @torch.no_grad()
 def lm_karnet(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    solver: str = "recursive",
-    ridge: float = 1e-3,
-    chunk: int = 2048,
+    model: nn.Module, x: Tensor, y: Tensor, *, solver: str = "recursive", ridge: float = 1e-3, chunk: int = 2048,
     rtol: float | None = None,
-) -> dict[str, Any]:
-    """Train a 2-layer leaky-ReLU MLP in place with (LM-)KARnet (see the module docstring for every step).
+) -> dict[str, Any]:  # fmt: skip
+    """Train a 2-layer leaky-ReLU MLP in place with (LM-)KARnet (every step in the module docstring).
 
     Args:
         model: ``zoo`` ``mlp2``; its randomly initialised output layer sets the random projection ``P``.
-        x: (N, D) float training inputs, the whole training set.
-        y: (N,) integer labels.
-        solver: ``"recursive"`` (low-memory: blocked regularised normal equations, LM-KARnet's) or
-            ``"pinv"`` (batch KARnet: full Moore-Penrose pseudo-inverses).
-        ridge: relative regularisation of the ``"recursive"`` solver (LM-KARnet's robustification).
-        chunk: rows per block of the ``"recursive"`` solver.
+        x, y: the whole training set, (N, D) float inputs and (N,) integer labels.
+        solver: ``"recursive"`` (LM-KARnet's low-memory blocked regularised normal equations) or ``"pinv"``
+            (batch KARnet: full Moore-Penrose pseudo-inverses).
+        ridge: relative regularisation of the ``"recursive"`` solver; chunk: its rows per block.
         rtol: relative singular-value cutoff of ``torch.linalg.pinv`` (default: torch's).
 
     Returns:

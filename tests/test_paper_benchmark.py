@@ -1,16 +1,15 @@
-"""The paper-reproduction entry point (``benchmarks/paper.py``), Table 2 and its pseudo-inverse baselines."""
+"""``benchmarks/report.py`` (runs the paper's tables, collects REPORT.md), Table 2 and its pseudo-inverse baselines."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from benchmarks import paper, report, table2
+from benchmarks import _harness as H
+from benchmarks import report, table2
 from benchmarks.baselines import leaky_relu_inverse, lm_karnet, zorb
 from zoo import create_model
 
@@ -18,64 +17,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT / ".." / "shared" / "data"
 
 
-# ---------------------------------------------------------------------------------------------------- dispatcher
-def _plan(*argv: str) -> list[paper.Job]:
-    return paper.plan(paper.build_parser().parse_args(list(argv)))
-
-
+# ---------------------------------------------------------------------------------------------------- report
 def test_dry_run_prints_every_command(capsys):
-    argv = ["--table", "all", "--seeds", "2", "--threads", "1", "--data-dir", "DATA", "--dry-run"]
-    assert paper.main(argv) == 0
+    argv = ["--run", "all", "--seeds", "2", "--threads", "1", "--data-dir", "DATA", "--dry-run"]
+    assert report.main(argv) == 0
     out = capsys.readouterr().out
-    for module in ("table2", "core", "vgg11_imagenette", "adaptor_table4", "rnn_tables", "fig3", "fig4", "report"):
+    for module in ("table2", "accuracy core", "figures vgg11", "adaptor_table4", "rnn_tables accuracy", "figures fig3"):
         assert f"-m benchmarks.{module}" in out
-    assert out.count("benchmarks.rnn_tables") == 1 and "--tables 5 7 8" in out
-    assert "--parts accuracy --experiments mnist/cnn2 cifar10/cnn2" in out
-    assert "--data-dir DATA --seeds 2" in out and "OMP_NUM_THREADS=1" in out
-    assert "--quick" not in out
-
-
-def test_table_selection_and_options():
-    jobs = _plan("--table", "fig3", "2", "--table", "8", "5", "--table", "2", "--quick", "--seeds", "1")
-    assert [j.module for j in jobs] == ["benchmarks.table2", "benchmarks.rnn_tables", "benchmarks.fig3"]
-    assert jobs[1].args[:3] == ["--tables", "5", "8"] and jobs[1].table == "5/8"
-    assert all("--quick" in j.args for j in jobs) and all("--threads" not in j.args for j in jobs)
-    four = _plan("--table", "4", "--threads", "2")
-    assert [j.module for j in four] == ["benchmarks.vgg11_imagenette", "benchmarks.adaptor_table4"]
-    assert "--threads" not in four[1].args and four[1].env["TPSGD_THREADS"] == "2"  # adaptor_table4: env only
-    fresh = {j.module: "--fresh" in j.args for j in _plan("--table", "all", "--quick", "--fresh")}
-    resumable = {"benchmarks.core", "benchmarks.vgg11_imagenette", "benchmarks.rnn_tables", "benchmarks.fig3"}
-    resumable.add("benchmarks.fig4")
-    assert {m for m, f in fresh.items() if f} == resumable  # table2 and the adaptors never resume
+    assert "--data-dir=DATA --seeds=2 --threads=1" in out and "OMP_NUM_THREADS=1" in out and "--quick" not in out
+    assert out.count("figures fig4") == 1 and out.count("rnn_tables") == 3  # tables 5, 7 and 8
     with pytest.raises(SystemExit):
-        paper.build_parser().parse_args(["--table", "6"])
-    with pytest.raises(SystemExit):
-        paper.build_parser().parse_args([])
-    with pytest.raises(SystemExit, match="--out-dir"):
-        paper.main(["--table", "3", "--out-dir", "x", "--dry-run"])
+        report.main(["--run", "6"])
 
 
-def test_quick_guard_never_overwrites_full_results(tmp_path, monkeypatch):
-    monkeypatch.setattr(paper, "RESULTS", tmp_path)
-    (tmp_path / "rnn_tables.md").write_text("full")
-    job = paper.Job("5", "benchmarks.rnn_tables", [], ("rnn_tables",), quick_dir=False)
-    with paper.quick_guard(job, True):
-        assert not (tmp_path / "rnn_tables.md").exists()  # the script starts without the full store
-        (tmp_path / "rnn_tables.md").write_text("quick")
-        (tmp_path / "rnn_tables.json").write_text("{}")
-    assert (tmp_path / "rnn_tables.md").read_text() == "full" and not (tmp_path / "rnn_tables.json").exists()
-    assert (tmp_path / "quick" / "rnn_tables.md").read_text() == "quick"
-    assert (tmp_path / "quick" / "rnn_tables.json").exists() and not (tmp_path / "quick" / ".held").exists()
-
-
-def test_report_summary_says_not_run(tmp_path):
+def test_report_summary_says_not_run_and_survives_unreadable_results(tmp_path):
     text = "\n".join(report.summary(tmp_path))
     assert "Paper claim vs ours" in text and text.count("not run") == len(report.SUMMARIES)
-    assert "89.4 (0.22)" not in text  # no table 2 row without its results
-    (tmp_path / "table2.json").write_text("{not json")  # unreadable results: reported, not fatal
-    (tmp_path / "fig3.json").write_text('{"runs": {"x": 1}}')  # a format the summary does not know
+    (tmp_path / "table2.json").write_text("{not json")
+    (tmp_path / "fig3.json").write_text('{"runs": {"x": 1}}')  # a layout the summary does not know
     text = "\n".join(report.summary(tmp_path))
-    assert "present; no summary (JSONDecodeError)" in text and "Figure 3" in text
+    assert "present; no summary (JSONDecodeError)" in text and "present; no summary (KeyError)" in text
+
+
+def test_committed_report_matches_the_results():
+    """REPORT.md is what ``python -m benchmarks.report`` makes of the committed results."""
+    assert report.build(H.RESULTS, prefix="results/") == (ROOT / "benchmarks" / "REPORT.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------- baselines
@@ -127,56 +93,46 @@ def test_baselines_reject_other_models():
         zorb(create_model("mlp2", num_classes=4, in_features=20, hidden=8, negative_slope=0.3), x, y, solver="svd")
 
 
-def test_table2_summary_and_verdict():
-    runs = {
-        "tpsgd-ce": [{"acc": 91.0, "fit_s": 1.0, "peak_mb": 5.0}, {"acc": 92.0, "fit_s": 1.2, "peak_mb": 6.0}],
-        "zorb": [{"acc": 89.0, "fit_s": 9.0, "peak_mb": 600.0}, {"acc": 89.5, "fit_s": 9.5, "peak_mb": 600.0}],
-        "lm_karnet": [{"acc": 89.9, "fit_s": 2.0, "peak_mb": 20.0}, {"acc": 90.1, "fit_s": 2.2, "peak_mb": 20.0}],
-    }
-    summary = table2.summarise(runs)
-    assert summary["zorb"]["time_ratio_to_tpsgd_ce"] == pytest.approx(9.25 / 1.1)
+def test_table2_summary_and_verdict(tmp_path):
+    store = H.Store(tmp_path / "table2.json")
+    for m, runs in {
+        "tpsgd-ce": [(91, 1.0), (92, 1.2)],
+        "zorb": [(89, 9.0), (89.5, 9.5)],
+        "lm_karnet": [(89.9, 2), (90.1, 2.2)],
+    }.items():
+        store.runs |= {f"{m}/{seed}": {"acc": acc, "fit_s": t, "peak_mib": 5.0} for seed, (acc, t) in enumerate(runs)}
+    summary = table2.summarise(store, table2.METHODS)
+    assert summary["zorb"]["time_ratio"] == pytest.approx(9.25 / 1.1)
     v = table2.verdict(summary)
     assert v["zorb"]["met"] and v["lm_karnet"]["acc_ok"] and not v["lm_karnet"]["met"] and not v["met"]
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-def _synthetic_mnist(path: Path, n_train: int = 1200, n_test: int = 400) -> None:
-    """A learnable stand-in for mnist.npz: one bright 7x7 square per class at a class-dependent spot."""
-    rng = np.random.default_rng(0)
-
-    def images(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(y):
-            r, col = 2 + 8 * (int(c) // 4), 2 + 6 * (int(c) % 4)
-            x[i, r : r + 7, col : col + 7] = 255
-        return x, y
-
-    (xtr, ytr), (xte, yte) = images(n_train), images(n_test)
-    np.savez_compressed(path / "mnist.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
-
-
 @pytest.mark.slow
-def test_paper_table2_quick_end_to_end(tmp_path):
-    """``python -m benchmarks.paper --table 2 --quick`` on a small synthetic MNIST, results in a temp folder."""
-    _synthetic_mnist(tmp_path)
+def test_table2_quick_end_to_end(synthetic_data, tmp_path):
+    """``python -m benchmarks.report --run 2 --quick`` on a small synthetic MNIST, results in a temp folder."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "benchmarks.paper", "--table", "2", "--quick", "--seeds", "1", "--threads", "1"]
-    cmd += ["--data-dir", str(tmp_path), "--out-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "benchmarks.report", "--run", "2", "--quick", "--seeds", "1", "--threads", "1"]
+    cmd += ["--data-dir", str(synthetic_data), "--out", str(out)]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / "table2.md").read_text()
-    assert "QUICK RUN" in md and "ZORB (pinv, as published)" in md and "LM-KARnet" in md
-    assert (out / "table2.png").stat().st_size > 0
-    store = json.loads((out / "table2.json").read_text())
-    assert store["quick"] and set(store["summary"]) == set(table2.METHODS)
-    assert store["split"] == {"train": 1200, "eval": 400, "eval_name": "test"}
-    assert store["summary"]["lm_karnet"]["acc_mean"] > 90  # the synthetic task is easy
-    assert all(r["peak_mb"] >= 0 for runs in store["runs"].values() for r in runs)
+    assert (
+        "QUICK RUN" in md
+        and "ZORB (pinv, as published)" in md
+        and "LM-KARnet" in md
+        and (out / "table2.png").stat().st_size
+    )
+    store = H.Store.open(out / "table2.json")
+    assert store.settings["quick"] and store.settings["split"] == {"train": 1200, "eval": 500, "eval_name": "test"}
+    assert set(table2.summarise(store, table2.METHODS)) == set(table2.METHODS)
+    assert table2.summarise(store, table2.METHODS)["lm_karnet"]["acc"] > 90  # the synthetic task is easy
+    assert all(r["peak_mib"] >= 0 for r in store.runs.values())
     full_report = (out / "REPORT.md").read_text()
     assert "QUICK RESULTS" in full_report and "| Table 2 · ZORB | 89.4 (0.22) %, 7.9 (0.39) s |" in full_report
-    assert "| Table 3 · shallow CNN, MNIST and CIFAR-10 | see paper | not run |" in full_report
+    assert "| core | – | not run | – |" in full_report
 
 
 @pytest.mark.shared_data
