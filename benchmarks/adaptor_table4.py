@@ -92,41 +92,24 @@ def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, batche
         module = trainer = None  # the previous seed's module goes before the next backbone is built
         gc.collect()
         L.seed_everything(seed, verbose=False)
-        module = TimmAdaptor(
-            BACKBONE,
-            num_classes=10,
-            pretrained=True,
-            img_size=IMG_SIZE,
-            cache_features=cache,
-            lr=HPARAMS["lr"],
-            **kwargs,
-        )
-        timer = Timer("epoch")
-        trainer = H.quiet_trainer(
-            accelerator="cpu", max_epochs=epochs, strategy=strategy(), callbacks=[timer], limit_val_batches=0
-        )
+        options = dict(pretrained=True, img_size=IMG_SIZE, cache_features=cache, lr=HPARAMS["lr"], **kwargs)
+        module, timer = TimmAdaptor(BACKBONE, num_classes=10, **options), Timer("epoch")
+        fit = dict(max_epochs=epochs, strategy=strategy(), callbacks=[timer], limit_val_batches=0)
+        trainer = H.quiet_trainer(accelerator="cpu", **fit)
         trainer.fit(module, datamodule=dm)
         loader = dm.val_dataloader() if tune else dm.test_dataloader()
         accs.append(100 * trainer.test(module, dataloaders=loader, verbose=False)[0]["test_acc"])
         epoch_times += timer.times
         print(f"[{row}] seed {seed}: {accs[-1]:.2f}%, epochs {[round(t, 1) for t, _ in timer.times]} s", flush=True)
-    peak, trained = (
-        H.MemoryMeter.rss("VmHWM"),
-        sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad),
-    )
+    peak = H.MemoryMeter.rss("VmHWM")
+    trained = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     module = trainer = None
     gc.collect()
     L.seed_everything(0, verbose=False)  # uncached: the same row without the cache, a few batches scaled to an epoch
     uncached = TimmAdaptor(BACKBONE, num_classes=10, pretrained=True, img_size=IMG_SIZE, lr=HPARAMS["lr"], **kwargs)
     timer = Timer("batch")
-    trainer = H.quiet_trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        strategy=strategy(),
-        callbacks=[timer],
-        limit_train_batches=1 + batches,
-        limit_val_batches=0,
-    )
+    limits = dict(limit_train_batches=1 + batches, limit_val_batches=0)
+    trainer = H.quiet_trainer(accelerator="cpu", max_epochs=1, strategy=strategy(), callbacks=[timer], **limits)
     trainer.fit(uncached, datamodule=dm)
     cached, first = [t for t, miss in epoch_times if not miss], [t for t, miss in epoch_times if miss]
     return {
@@ -147,19 +130,20 @@ def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, batche
 def report(store: H.Store) -> list[str]:
     s, rows, runs = store.settings, [], {row: store.runs[row] for row in ROWS if row in store.runs}
     for row, r in runs.items():
-        paper = P.TABLE4.get(PAPER.get(row, ""))
-        cached, uncached, first = r["epoch_cached_s"], r["epoch_uncached_s"], r["epoch_first_s"]
+        paper, cached, uncached, first = (
+            P.TABLE4.get(PAPER.get(row, "")),
+            *(r[f"epoch_{k}_s"] for k in ("cached", "uncached", "first")),
+        )
         peak = f"{r['peak_rss_mib']:.0f}" + (" ✓" if r["peak_rss_mib"] <= RSS_TARGET_MIB else "")
-        times = [f"{cached:.1f}" if cached else "–", f"{uncached:.1f}", f"{uncached / cached:.1f}×" if cached else "–"]
-        times += [f"{first:.1f}" if first else "–"]
-        paper = f"{P.fmt(*paper[:2])}, {paper[2]:g} MB" if paper else "–"
         cells = [
             f"{r['trained_mib']:.2f}",
             peak,
             f"{r['peak_rss_mib'] - r['rss_imports_mib']:.0f}",
             f"{r['cache_mib']:.0f}",
         ]
-        rows.append([ROWS[row][0], H.mean_std(r["acc"]), *cells, *times, paper])
+        cells += [f"{cached:.1f}" if cached else "–", f"{uncached:.1f}", f"{uncached / cached:.1f}×" if cached else "–"]
+        cells += [f"{first:.1f}" if first else "–", f"{P.fmt(*paper[:2])}, {paper[2]:g} MB" if paper else "–"]
+        rows.append([ROWS[row][0], H.mean_std(r["acc"]), *cells])
     header = [
         "Row",
         "Accuracy (%)",
@@ -169,42 +153,32 @@ def report(store: H.Store) -> list[str]:
         "Feature cache (MiB)",
     ]
     header += ["Epoch, cached (s)", "Epoch, uncached (s)", "Speed-up", "First epoch (s)", "Paper (VGG16, 320 px)"]
-    split = f"{'the training holdout (1000 images)' if s['tune'] else 'Imagenette val (3925 images)'}"
-    first = next(iter(runs.values()), {})
-    epochs, rule, projection = 2 if s["quick"] else HPARAMS["epochs"], HPARAMS["rule"], HPARAMS["conv_projection"]
-    lines = [f"Backbone `{BACKBONE}` (ImageNet weights, frozen, eval mode), Imagenette at {IMG_SIZE} px, batch"]
-    lines += [
-        f"{HPARAMS['batch_size']}, Adam lr {HPARAMS['lr']}, {epochs} epochs; tpSGD rule `{rule}`, conv projection"
-    ]
-    lines += [
-        f"`{projection}`. Accuracy on {split}, mean ± std over {s['seeds']} seed(s). CPU ({first.get('torch', '')}),"
-    ]
-    lines += [f"each row in a fresh process; feature cache on {s['cache']}, the backbone run"]
-    lines += [f"{HPARAMS['extract_batch_size']} images at a time, JPEGs read on access.", "", *H.md_table(header, rows)]
-    if runs:
-        peaks, imports = [r["peak_rss_mib"] for r in runs.values()], max(r["rss_imports_mib"] for r in runs.values())
-        met = "met by every row" if max(peaks) <= RSS_TARGET_MIB else "not met by every row"
-        whole = ", ".join(f"{row} {r['peak_process_mib']:.0f}" for row, r in runs.items())
-        lines += [
-            f"Memory (MiB): {max(r['rss_torch_mib'] for r in runs.values()):.0f} of RSS right after `import torch`"
-        ]
-        lines += [
-            f"and {imports:.0f} after Lightning, timm and this package, which leaves {RSS_TARGET_MIB - imports:.0f}"
-        ]
-        lines += [
-            f"of the 1 GB ({RSS_TARGET_MIB:.0f} MiB) target for the fine-tuning; peak RSS over all seeds' training and"
-        ]
-        lines += [
-            f"test {min(peaks):.0f} to {max(peaks):.0f}: the target is {met}. Whole-process peaks, with the uncached"
-        ]
-        lines += [f"timing run: {whole}."]
-        if (tp := runs.get("tpsgd-L0")) and (bp := runs.get("bp-L0")) and tp["epoch_cached_s"]:
-            ratio = bp["epoch_uncached_s"] / tp["epoch_cached_s"]
-            lines += [
-                f"A cached tpSGD-adaptor epoch against an uncached BP-adaptor epoch (deepest tap): {ratio:.1f}× faster."
-            ]
-        lines += [""]
-    return lines
+    split = "the training holdout (1000 images)" if s["tune"] else "Imagenette val (3925 images)"
+    hp, torch_build = HPARAMS, next(iter(runs.values()), {}).get("torch", "")
+    lines = f"""Backbone `{BACKBONE}` (ImageNet weights, frozen, eval mode), Imagenette at {IMG_SIZE} px, batch
+{hp["batch_size"]}, Adam lr {hp["lr"]}, {2 if s["quick"] else hp["epochs"]} epochs; tpSGD rule `{hp["rule"]}`, conv
+projection `{hp["conv_projection"]}`. Accuracy on {split}, mean ± std over {s["seeds"]} seed(s). CPU ({torch_build}),
+each row in a fresh process; feature cache on {s["cache"]}, the backbone run {hp["extract_batch_size"]} images at a
+time, JPEGs read on access.
+""".splitlines()
+    lines += ["", *H.md_table(header, rows)]
+    if not runs:
+        return lines
+    peaks, imports = [r["peak_rss_mib"] for r in runs.values()], max(r["rss_imports_mib"] for r in runs.values())
+    met = "met by every row" if max(peaks) <= RSS_TARGET_MIB else "not met by every row"
+    whole, after_torch = (
+        ", ".join(f"{k} {r['peak_process_mib']:.0f}" for k, r in runs.items()),
+        max(r["rss_torch_mib"] for r in runs.values()),
+    )
+    lines += f"""Memory (MiB): {after_torch:.0f} of RSS right after `import torch` and
+{imports:.0f} after Lightning, timm and this package, which leaves {RSS_TARGET_MIB - imports:.0f} of the 1 GB
+({RSS_TARGET_MIB:.0f} MiB) target for the fine-tuning; peak RSS over all seeds' training and test {min(peaks):.0f} to
+{max(peaks):.0f}: the target is {met}. Whole-process peaks, with the uncached timing run: {whole}.
+""".splitlines()
+    if (tp := runs.get("tpsgd-L0")) and (bp := runs.get("bp-L0")) and tp["epoch_cached_s"]:
+        ratio = bp["epoch_uncached_s"] / tp["epoch_cached_s"]
+        lines += [f"A cached tpSGD-adaptor epoch against an uncached BP one (deepest tap): {ratio:.1f}× faster."]
+    return [*lines, ""]
 
 
 def plot(store: H.Store) -> None:

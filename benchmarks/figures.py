@@ -20,6 +20,7 @@ backpropagation, the same on the last layer alone for the random-feature ``contr
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterator
@@ -109,14 +110,10 @@ def fig3_verdict(store: H.Store, filters: list[int]) -> list[str]:
         lines.append(f"- rule `{rule}`: filter − naive at each K: {', '.join(map(H.signed, diffs))} ({ahead}).")
         if (f := gains.get(f"filter-{rule}")) and (n := gains.get(f"naive-{rule}")):
             holds = "holds" if f[1] and n[0] < 0.5 * f[0] else "does not hold"
-            lines.append(
-                f"- rule `{rule}`: filter-based gains {f[0]:+.2f} points, naive {n[0]:+.2f}. The paper's finding (read "
-                f"as: filter gain significant, naive gain below half of it) **{holds}**."
-            )
+            lines += [f"- rule `{rule}`: filter-based gains {f[0]:+.2f} points, naive {n[0]:+.2f}. The paper's finding"]
+            lines[-1] += f" (read as: filter gain significant, naive gain below half of it) **{holds}**."
     if "control" in gains:
-        lines.append(
-            f"- The untrained control gains {gains['control'][0]:+.2f} points: more filters help untrained too."
-        )
+        lines += [f"- The untrained control gains {gains['control'][0]:+.2f} points: more filters help untrained too."]
     return [*lines, ""]
 
 
@@ -127,20 +124,10 @@ def _fig3_report(store: H.Store) -> list[str]:
         rows = ([k, *(fmt(_acc(store, m, k, name=name)) for m in methods)] for k in s["filters"])
         return H.md_table(["K", *methods], rows)
 
-    return [
-        *_about(store),
-        f"Paper (Figure 3 prints no numbers): {P.FIGURE3}",
-        "",
-        "## Test accuracy (%) by number of filters K",
-        "",
-        *table("acc", H.mean_std),
-        "## Does the paper's finding hold?",
-        "",
-        *fig3_verdict(store, s["filters"]),
-        "## Training time per run (s, mean over seeds)",
-        "",
-        *table("fit_s", lambda v: f"{H.mean(v):.1f}"),
-    ]
+    lines = [*_about(store), f"Paper (Figure 3 prints no numbers): {P.FIGURE3}", ""]
+    lines += ["## Test accuracy (%) by number of filters K", "", *table("acc", H.mean_std)]
+    lines += ["## Does the paper's finding hold?", "", *fig3_verdict(store, s["filters"])]
+    return [*lines, "## Training time per run (s, mean over seeds)", "", *table("fit_s", lambda v: f"{H.mean(v):.1f}")]
 
 
 def _fig3_plot(store: H.Store, path: Path) -> None:
@@ -149,9 +136,8 @@ def _fig3_plot(store: H.Store, path: Path) -> None:
     for ax, rule in zip(axes, ("ce", "l2"), strict=True):
         for m, style in ((f"filter-{rule}", "o-"), (f"naive-{rule}", "s-"), ("control", "k:"), ("bp", "g--")):
             runs = [_acc(store, m, k) for k in filters]
-            ax.errorbar(
-                filters, [H.mean(r) for r in runs], yerr=[H.std(r) for r in runs], fmt=style, capsize=3, label=m
-            )
+            means, stds = [H.mean(r) for r in runs], [H.std(r) for r in runs]
+            ax.errorbar(filters, means, yerr=stds, fmt=style, capsize=3, label=m)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="number of filters K", ylabel="MNIST test accuracy (%)", title=f"tpSGD rule `{rule}`")
         ax.legend()
@@ -180,13 +166,13 @@ FIG3 = Figure(
 
 
 # ---------------------------------------------------------------------------------------------------- Figure 4
+FIG4_BASE = {"bp": "bp", "control": "control"}
 FIG4_LABELS = {"tpsgd": "tpSGD (ce)", "tpsgd-learned": "tpSGD (learned)", "bp": "BP (Adam)", "control": "control"}
 
 
 def _fig4(store: H.Store, method: str, c: int, h: int, name: str = "acc") -> list[float]:
-    return _acc(
-        store, "bp" if method == "control" and c == h == 0 else method, c, h, name=name
-    )  # (0, 0): control is BP
+    method = "bp" if method == "control" and c == h == 0 else method  # (0, 0) has nothing to freeze: the control is BP
+    return _acc(store, method, c, h, name=name)
 
 
 def _fig4_report(store: H.Store) -> list[str]:
@@ -221,9 +207,8 @@ def _fig4_plot(store: H.Store, path: Path) -> None:
 
     s, shown = store.settings, ("tpsgd", "tpsgd-learned", "bp")
     fig, axes = H.pyplot().subplots(2, 3, figsize=(15, 8))
-    for row, (name, what) in enumerate(
-        (("acc", "test accuracy (%)"), ("fit_s", f"training time (s, {s['epochs']} epochs)"))
-    ):
+    panels = (("acc", "test accuracy (%)"), ("fit_s", f"training time (s, {s['epochs']} epochs)"))
+    for row, (name, what) in enumerate(panels):
         data = {
             m: np.array([[H.mean(_fig4(store, m, c, h, name)) for c in s["n_conv"]] for h in s["n_hidden"]])
             for m in shown
@@ -247,14 +232,9 @@ FIG4 = Figure(
     full={"n_conv": [0, 1, 2, 3], "n_hidden": [0, 1, 2, 3], "epochs": 2, "train_subset": 20000, "test_subset": 5000},
     quick={"n_conv": [0, 1], "n_hidden": [0, 1], "epochs": 1, "train_subset": 1000, "test_subset": 500},
     common={"batch_size": 128, "lr": 1e-3, "filters": 16, "hidden": 256},
-    methods=lambda s: {
-        "tpsgd": "tpsgd-ce,conv_projection=filter",
-        "tpsgd-learned": "tpsgd-learned",
-        "bp": "bp",
-        "control": "control",
-    },
+    methods=lambda s: {"tpsgd": "tpsgd-ce,conv_projection=filter", "tpsgd-learned": "tpsgd-learned"} | FIG4_BASE,
     cells=lambda s: [(c, h) for c in s["n_conv"] for h in s["n_hidden"]],
-    build=lambda s, cell, label: _create(
+    build=lambda s, cell, _: _create(
         "convgrid", n_conv=cell[0], n_hidden=cell[1], filters=s["filters"], hidden=s["hidden"]
     ),
     data=partial(_npz, "CIFAR10DataModule"),
@@ -282,10 +262,10 @@ VGG_ORDER = ("tpsgd", "tpsgd-learned", "bp", "control", "tpsgd-bn", "tpsgd-learn
 
 
 def _vgg(s: dict[str, Any], batch_norm: bool = False, width: float | None = None, size: int | None = None) -> nn.Module:
-    kwargs = dict(
-        input_size=size or s["image_size"], width=width or s["width"], hidden=s["hidden"], dropout=s["dropout"]
+    size, width = size or s["image_size"], width or s["width"]
+    return _create(
+        "vgg11", batch_norm=batch_norm, input_size=size, width=width, hidden=s["hidden"], dropout=s["dropout"]
     )
-    return _create("vgg11", batch_norm=batch_norm, **kwargs)
 
 
 def param_mib(model: nn.Module) -> float:
@@ -300,16 +280,14 @@ def _vgg_report(store: H.Store) -> list[str]:
         curve = " → ".join(f"{H.mean(v):.1f}" for v in zip(*(r["test_curve"] for r in runs), strict=True))
         paper = P.TABLE4.get(f"vgg11/{row.split('-')[0]}") if row != "control" else None
         epoch = f"{statistics.median(e for r in runs for e in r['epoch_s']):.0f}"
-        paper_acc = P.fmt(*paper[:2]) if paper else "–"
-        rows.append(
-            [row, H.mean_std(_acc(store, row), n=True), paper_acc, f"{runs[0]['trained_mib']:.2f}", epoch, curve]
-        )
+        paper_acc, mib = P.fmt(*paper[:2]) if paper else "–", f"{runs[0]['trained_mib']:.2f}"
+        rows.append([row, H.mean_std(_acc(store, row), n=True), paper_acc, mib, epoch, curve])
     full = [param_mib(_vgg(s, width=1.0, size=size)) for size in (s["image_size"], 224)]
     header = ["row", "test accuracy (%)", "paper", "trained (MiB)", "epoch (s, median)", "test accuracy by epoch"]
     lines = [*_about(store), *H.md_table(header, rows)]
+    lines += ["Trained: float32 parameters being trained (control: the last Linear). The full-width VGG11 of the zoo"]
+    lines += [f"has {full[0]:.1f} MiB at {s['image_size']} px and {full[1]:.1f} MiB at 224 px; the paper's"]
     lines += [
-        f"Trained: float32 parameters being trained (control: the last Linear). The full-width VGG11 of the zoo has "
-        f"{full[0]:.1f} MiB at {s['image_size']} px and {full[1]:.1f} MiB at 224 px; the paper's "
         f"{P.TABLE4['vgg11/tpsgd'][2]:g} MB matches neither (its classifier width and input size are not stated).",
         "",
     ]
@@ -344,9 +322,7 @@ VGG11 = Figure(
     methods=lambda s: {row: method for row, (method, _) in VGG_ROWS.items()},
     cells=lambda s: [()],
     build=lambda s, cell, row: _vgg(s, batch_norm=VGG_ROWS[row][1]),
-    data=lambda s, seed, data_dir: _npz(
-        "ImagenetteDataModule", s, seed, data_dir, image_size=s["image_size"], decode="once"
-    ),
+    data=lambda s, seed, root: _npz("ImagenetteDataModule", s, seed, root, image_size=s["image_size"], decode="once"),
     report=_vgg_report,
     plot=_vgg_plot,
     about="`zoo.vgg11(input_size={image_size}, width={width}, hidden={hidden}, dropout={dropout}[, batch_norm=True])`: "
@@ -359,39 +335,21 @@ VGG11 = Figure(
 FIGURES = {"fig3": FIG3, "fig4": FIG4, "vgg11": VGG11}
 
 
-def run_one(
-    fig: Figure, label: str, cell: tuple[int, ...], seed: int, s: dict[str, Any], data_dir: str
-) -> dict[str, Any]:
+def run_one(fig: Figure, label: str, cell: tuple, seed: int, s: dict[str, Any], data_dir: str) -> dict[str, Any]:
     """Train and test one model; the run's record (``acc``, times, curves, ``trained_mib``)."""
     dm = fig.data(s, seed, data_dir)
     torch.manual_seed(seed)
-    model, test = fig.build(s, cell, label), dm.test_dataloader()
-    method = fig.methods(s)[label]
-    out = H.train(
-        model,
-        method,
-        dm.train_dataloader(),
-        s["epochs"],
-        lr=s["lr"],
-        seed=seed,
-        test_loader=test if fig.curve else None,
-    )
-    return {
-        **out,
-        "acc": out["test_curve"][-1] if fig.curve else H.evaluate(model, test),
-        "trained_mib": param_mib(model),
-    }
+    model, test, method = fig.build(s, cell, label), dm.test_dataloader(), fig.methods(s)[label]
+    kwargs = dict(lr=s["lr"], seed=seed, test_loader=test if fig.curve else None)
+    out = H.train(model, method, dm.train_dataloader(), s["epochs"], **kwargs)
+    acc = out["test_curve"][-1] if fig.curve else H.evaluate(model, test)
+    return {**out, "acc": acc, "trained_mib": param_mib(model)}
 
 
 def jobs(fig: Figure, seeds: list[int], s: dict[str, Any], data_dir: str) -> Iterator[H.Job]:
-    for seed in seeds:
-        for cell in fig.cells(s):
-            for label in fig.methods(s):
-                if not (fig is FIG4 and label == "control" and cell == (0, 0)):  # nothing to freeze: the control is BP
-                    yield (
-                        "/".join(map(str, (label, *cell, seed))),
-                        partial(run_one, fig, label, cell, seed, s, data_dir),
-                    )
+    for seed, cell, label in itertools.product(seeds, fig.cells(s), fig.methods(s)):
+        if not (fig is FIG4 and label == "control" and cell == (0, 0)):  # nothing to freeze: the control is BP
+            yield "/".join(map(str, (label, *cell, seed))), partial(run_one, fig, label, cell, seed, s, data_dir)
 
 
 def main(argv: list[str] | None = None) -> H.Store:
@@ -399,9 +357,8 @@ def main(argv: list[str] | None = None) -> H.Store:
     p.add_argument("figure", choices=list(FIGURES), help="which figure")
     args = p.parse_args(argv)
     fig, out = FIGURES[args.figure], H.setup(args)
-    settings = (
-        None if args.report_only else {**(fig.quick if args.quick else fig.full), **fig.common, "quick": args.quick}
-    )
+    budget = fig.quick if args.quick else fig.full
+    settings = None if args.report_only else {**budget, **fig.common, "quick": args.quick}
     store = H.Store.open(out / f"{fig.name}.json", settings, args.fresh)
     if not args.report_only:
         store.add_command("figures", argv)

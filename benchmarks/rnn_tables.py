@@ -107,9 +107,8 @@ def settings_for(table: str, dataset: str, column: str, overrides: dict[str, Any
 def control_overrides(table: str, dataset: str, column: str) -> dict[str, Any]:
     """The ``--set`` settings of the random-RNN control of ``column``: the column's own architecture settings."""
     own = COLUMN_SETTINGS.get(column, {})
-    return {
-        k: v for k, v in {**own.get(dataset, {}), **own.get(f"{table}/{dataset}", {})}.items() if k in ARCHITECTURE_KEYS
-    }
+    own = {**own.get(dataset, {}), **own.get(f"{table}/{dataset}", {})}
+    return {k: v for k, v in own.items() if k in ARCHITECTURE_KEYS}
 
 
 def layerwise_epochs(settings: dict[str, Any], model: str, epochs: int) -> list[int]:
@@ -133,9 +132,8 @@ def make_datamodule(dataset: str, data_dir: str, seed: int, quick: bool, **overr
     from lightning_tpsgd.data import EEGSeizureDataModule, Sentiment140DataModule, SeqMNISTDataModule
 
     kwargs: dict[str, Any] = dict(data_dir=data_dir, batch_size=BATCH, seed=seed)
-    kwargs |= (
-        {"train_subset": 512, "test_subset": 256} | ({"val_size": 256} if dataset != "eeg" else {}) if quick else {}
-    )
+    quick_sizes = {"train_subset": 512, "test_subset": 256} | ({"val_size": 256} if dataset != "eeg" else {})
+    kwargs |= quick_sizes if quick else {}
     if dataset in ("rows", "pixels"):
         return SeqMNISTDataModule(mode=dataset, source="npz", **kwargs | overrides)
     return (EEGSeizureDataModule if dataset == "eeg" else Sentiment140DataModule)(**kwargs | overrides)
@@ -173,9 +171,8 @@ def method(column: str, model: str, settings: dict[str, Any], epochs: int) -> st
     if column in ("bp", "random", "random_rnn"):
         return "tpsgd-l2" if column == "random_rnn" else "bp"
     rnn = {"net.0": {"rule": column, "target_scale": settings["target_scale"]}}
-    return "tpsgd-l2" + _options(
-        overrides=rnn, schedule="layerwise", epochs_per_layer=layerwise_epochs(settings, model, epochs)
-    )
+    stages = layerwise_epochs(settings, model, epochs)
+    return "tpsgd-l2" + _options(overrides=rnn, schedule="layerwise", epochs_per_layer=stages)
 
 
 def run_one(table: str, dataset: str, column: str, seed: int, args: Any) -> dict[str, Any]:
@@ -185,10 +182,8 @@ def run_one(table: str, dataset: str, column: str, seed: int, args: Any) -> dict
     from zoo import SequenceClassifier
 
     L.seed_everything(seed, verbose=False)
-    dm, s = (
-        make_datamodule(dataset, args.data_dir, seed, args.quick),
-        settings_for(table, dataset, column, args.overrides),
-    )
+    dm = make_datamodule(dataset, args.data_dir, seed, args.quick)
+    s = settings_for(table, dataset, column, args.overrides)
     kwargs = model_kwargs(s, dm.input_size, freeze_rnn=column == "random_rnn")
     layer_lr = {"net.0": s["rnn_lr"]} if s.get("rnn_lr") is not None else None
     options = dict(lr=s["lr"], scheduler=s.get("scheduler"), layer_lr=layer_lr)
@@ -200,9 +195,7 @@ def run_one(table: str, dataset: str, column: str, seed: int, args: Any) -> dict
     return {**out, "epoch_s": log.times, "val_acc": log.val_acc, "settings": s}
 
 
-def key(
-    table: str, dataset: str, column: str, seed: int, epochs: int, quick: bool, overrides: dict | None = None
-) -> str:
+def key(table: str, dataset: str, column: str, seed: int, epochs: int, quick: bool, overrides: dict | None = None):
     """E.g. ``5/rows/l1/0/e20``; a probe adds its changed settings: ``5/rows/l1/0/e20/rnn_fraction=0.5``."""
     probe = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted((overrides or {}).items()))
     return f"{table}/{dataset}/{column}/{seed}/e{epochs}" + "/quick" * quick + (f"/{probe}" if probe else "")
@@ -252,9 +245,8 @@ def speed(store: H.Store, args: Any) -> None:
             strategy, log = H.strategy_for("tpsgd-l2" + _options(**options)) if options else "auto", _epoch_log()
             limits = dict(limit_train_batches=args.speed_batches, limit_val_batches=0)
             kwargs = dict(strategy=strategy, precision=precision, callbacks=[log], **limits)
-            trainer = H.quiet_trainer(
-                accelerator=args.accelerator, devices=1, max_epochs=1 + (name == "local-layerwise"), **kwargs
-            )
+            kwargs |= dict(accelerator=args.accelerator, devices=1, max_epochs=1 + (name == "local-layerwise"))
+            trainer = H.quiet_trainer(**kwargs)
             trainer.fit(module, datamodule=dm)
             for times, measured in ((wall, log.times), (cpu, log.cpu)):
                 times.setdefault(name, []).append(measured[0])
@@ -264,18 +256,11 @@ def speed(store: H.Store, args: Any) -> None:
             t["local-schedule"] = [(rnn_epochs * r + (args.epochs - rnn_epochs) * h) / args.epochs for r, h in schedule]
         batches = len(dm.train_dataloader())
         r: dict[str, Any] = {"device": H.device_name(trainer.strategy.root_device), "threads": torch.get_num_threads()}
-        r |= {
-            "batches": min(args.speed_batches or batches, batches),
-            "layerwise_schedule": [rnn_epochs, args.epochs - rnn_epochs],
-        }
-        r |= {
-            f"{m.replace('-', '_')}_s": statistics.median(wall[m])
-            for m in ("local", "local-bf16", "bptt", "local-amp", "bptt-amp")
-        }
-        r |= {
-            "layerwise_rnn_s": statistics.median(wall["local-layerwise"]),
-            "layerwise_head_s": statistics.median(wall["local-head"]),
-        }
+        r |= {"batches": min(args.speed_batches or batches, batches)}
+        r |= {"layerwise_schedule": [rnn_epochs, args.epochs - rnn_epochs]}
+        names = {m: m.replace("-", "_") + "_s" for m in ("local", "local-bf16", "bptt", "local-amp", "bptt-amp")}
+        names |= {"local-layerwise": "layerwise_rnn_s", "local-head": "layerwise_head_s"}
+        r |= {name: statistics.median(wall[m]) for m, name in names.items()}
         for suffix, m in {**SPEEDUPS, "_schedule": "local-schedule"}.items():
             base = "bptt-amp" if suffix == "_amp" else "bptt"
             for kind, t in (("", wall), ("_cpu", cpu)):
@@ -364,10 +349,8 @@ def saturation(store: H.Store, args: Any) -> None:
             rows = saturation_run(dataset, (rule, opt, lr, frozen), s, args.model, args)
             configs[label] = [{**row, "optimizer": f"{opt} {lr:g}" if rule else "–"} for row in rows]
         record = {"configs": configs, "model": args.model, "train_subset": args.train_subset, "seed": args.seed}
-        store.runs[dataset + ("/rnn2" if args.model == "rnn2" else "")] = {
-            **record,
-            "seconds": time.perf_counter() - start,
-        }
+        record["seconds"] = time.perf_counter() - start
+        store.runs[dataset + ("/rnn2" if args.model == "rnn2" else "")] = record
         store.save()
 
 
@@ -386,9 +369,7 @@ def saturation_report(store: H.Store) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def runs(
-    store: H.Store, table: str, dataset: str, column: str, epochs: int, quick: bool, probe: str = ""
-) -> list[dict]:
+def runs(store: H.Store, table: str, dataset: str, column: str, epochs: int, quick: bool, probe: str = "") -> list:
     """The runs of a table cell (``probe``: those with these changed settings instead)."""
     want, prefix = f"e{epochs}" + "/quick" * quick + (f"/{probe}" if probe else ""), f"{table}/{dataset}/{column}/"
     return [r for k, r in sorted(store.runs.items()) if k.startswith(prefix) and k.split("/", 4)[4] == want]
@@ -399,9 +380,8 @@ def _mean(store: H.Store, args: Any, table: str, dataset: str, column: str, vali
     probe = ""
     if column.startswith("control:") and (own := control_overrides(table, dataset, column[8:])):
         probe = key(table, dataset, "random_rnn", 0, args.epochs, False, own).split("/", 5)[5]
-    cell = runs(
-        store, table, dataset, column.split(":")[0].replace("control", "random_rnn"), args.epochs, args.quick, probe
-    )
+    column = column.split(":")[0].replace("control", "random_rnn")
+    cell = runs(store, table, dataset, column, args.epochs, args.quick, probe)
     return H.mean(r["val_acc"][-1] for r in cell if r.get("val_acc")) if validation else H.mean(r["acc"] for r in cell)
 
 
@@ -412,15 +392,12 @@ def report(store: H.Store, args: Any) -> list[str]:
         for d in args.datasets:
             cells = [[r["acc"] for r in runs(store, table, d, c, args.epochs, args.quick)] for c in COLUMNS]
             sizes |= {(table, d, c): len(cell) for c, cell in zip(COLUMNS, cells, strict=True)}
-            paper = P.RNN[table, d]
-            rows.append(
-                [TITLES[d], *(f"{H.mean_std(c, n=True)}<br>paper {p:.2f}" for c, p in zip(cells, paper, strict=True))]
+            with_paper = (
+                f"{H.mean_std(c, n=True)}<br>paper {p:.2f}" for c, p in zip(cells, P.RNN[table, d], strict=True)
             )
-        lines += [
-            f"## {TABLE_TITLES[table]} (`{TABLES[table]}`)",
-            "",
-            *H.md_table(["dataset", *map(TITLES.get, COLUMNS)], rows),
-        ]
+            rows.append([TITLES[d], *with_paper])
+        lines += [f"## {TABLE_TITLES[table]} (`{TABLES[table]}`)", ""]
+        lines += H.md_table(["dataset", *map(TITLES.get, COLUMNS)], rows)
     most = statistics.mode(v for v in sizes.values() if v) if any(sizes.values()) else 0
     fewer = [f"Table {t} {TITLES[d]} {TITLES[c]} (n={n})" for (t, d, c), n in sizes.items() if 0 < n < most]
     lines += [f"Cells with fewer runs than the {most} of most cells: " + "; ".join(fewer) + ".", ""] if fewer else []
@@ -429,10 +406,9 @@ def report(store: H.Store, args: Any) -> list[str]:
         drtp, l1, rr = (_mean(store, args, "5", d, c) for c in ("drtp", "l1", "random_rnn"))
         met = "yes" if max(drtp, l1) >= TARGETS[d] else "no"
         rows.append([TITLES[d], f"≥ {TARGETS[d]:.0f}", f"{drtp:.2f}", f"{l1:.2f}", f"{rr:.2f}", met])
-    lines += ["## Targets of the issue (single-layer RNN, best of tpSGD-ℓ1 and DRTP)", ""] if rows else []
-    lines += (
-        H.md_table(["dataset", "target", "DRTP", "tpSGD-ℓ1", "random RNN + classifier", "met"], rows) if rows else []
-    )
+    header = ["dataset", "target", "DRTP", "tpSGD-ℓ1", "random RNN + classifier", "met"]
+    targets = "## Targets of the issue (single-layer RNN, best of tpSGD-ℓ1 and DRTP)"
+    lines += [targets, "", *H.md_table(header, rows)] if rows else []
     return lines + _other_runs(store) + _comparisons(store, args) + speed_lines(store) + _settings_table(args)
 
 
@@ -484,27 +460,15 @@ def speed_lines(store: H.Store) -> list[str]:
     rows = [[TITLES[k.split("/")[0]], r["device"], r["batches"], r["threads"], sec(r, "bptt_s"), sec(r, "local_s")]
             + [ratio(r, "speedup"), sec(r, "local_bf16_s"), ratio(r, "speedup_bf16"), sec(r, "bptt_amp_s")]
             + [sec(r, "local_amp_s"), ratio(r, "speedup_amp")] for k, r in speed.items()]  # fmt: skip
-    header = [
-        "dataset",
-        "device",
-        "batches",
-        "threads",
-        "BPTT (s)",
-        "local (s)",
-        "speed-up (wall / CPU)",
-        "local-bf16 (s)",
-    ]
-    header += ["speed-up", "bf16-mixed: BPTT (s)", "local (s)", "speed-up"]
+    header = ["dataset", "device", "batches", "threads", "BPTT (s)", "local (s)", "speed-up (wall / CPU)"]
+    header += ["local-bf16 (s)", "speed-up", "bf16-mixed: BPTT (s)", "local (s)", "speed-up"]
     lines = ["## Time per training epoch vs BPTT", "", *H.md_table(header, rows)] if rows else []
     rows = [[TITLES[k.split("/")[0]], r["threads"], " + ".join(map(str, r["layerwise_schedule"])), sec(r, "bptt_s")]
             + [sec(r, "layerwise_rnn_s"), ratio(r, "speedup_rnn_stage"), sec(r, "layerwise_head_s")]
             + [ratio(r, "speedup_schedule")] for k, r in speed.items() if "speedup_schedule" in r]  # fmt: skip
     header = ["dataset", "threads", "RNN + head epochs", "BPTT (s)", "RNN stage (s)", "speed-up", "head stage (s)"]
-    return lines + [
-        "The tables' layer-wise schedule, float32:",
-        "",
-        *H.md_table([*header, "mean epoch: speed-up"], rows),
-    ] * bool(rows)
+    layerwise = ["The tables' layer-wise schedule, float32:", "", *H.md_table([*header, "mean epoch: speed-up"], rows)]
+    return lines + layerwise * bool(rows)
 
 
 def _settings_table(args: Any) -> list[str]:
@@ -519,10 +483,8 @@ def _settings_table(args: Any) -> list[str]:
 def plot(store: H.Store, args: Any) -> None:
     panels = []
     for t in args.tables:
-        series = {
-            TITLES[c]: [[r["acc"] for r in runs(store, t, d, c, args.epochs, args.quick)] for d in args.datasets]
-            for c in COLUMNS
-        }
+        cell = lambda d, c: [r["acc"] for r in runs(store, t, d, c, args.epochs, args.quick)]  # noqa: E731,B023
+        series = {TITLES[c]: [cell(d, c) for d in args.datasets] for c in COLUMNS}
         paper = {TITLES[c]: [P.RNN[t, d][i] for d in args.datasets] for i, c in enumerate(COLUMNS)}
         panels.append(H.Panel(f"Table {t} ({TABLES[t]})", args.datasets, series, "test accuracy (%)", paper))
     H.bar_chart(store.path.with_suffix(".png"), "Recurrent networks: paper Tables 5, 7 and 8", panels)
@@ -557,10 +519,8 @@ def main(argv: list[str] | None = None) -> H.Store:
         parse_overrides(args.set),
         args.epochs or (3 if args.quick else 20),
     )
-    args.speed_batches, args.speed_rounds = (
-        args.speed_batches or (5 if args.quick else None),
-        args.speed_rounds or (1 if args.quick else 3),
-    )
+    args.speed_batches = args.speed_batches or (5 if args.quick else None)
+    args.speed_rounds = args.speed_rounds or (1 if args.quick else 3)
     store, sat = H.Store.open(out / "rnn_tables.json", fresh=args.fresh), H.Store.open(out / "rnn_saturation.json")
     merge(store, args.merge)
     for part in args.parts:

@@ -104,12 +104,8 @@ def _setup(name: str, method: str, precision: str, batch: int, device: str, quic
     torch.manual_seed(0)
     model = factory().to(device)
     x, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
-    bf16 = precision == "bf16"
-    autocast = (
-        (lambda: torch.autocast(torch.device(device).type, torch.bfloat16, cache_enabled=False))
-        if bf16
-        else contextlib.nullcontext
-    )
+    autocast = partial(torch.autocast, torch.device(device).type, torch.bfloat16, cache_enabled=False)
+    autocast = autocast if precision == "bf16" else contextlib.nullcontext
     with autocast():
         step = make_step(model, method, options, x, y, sgd)
     return step, x, y, autocast
@@ -165,10 +161,8 @@ def ops(name: str, method: str, precision: str, batch: int, device: str, quick: 
             for _ in range(3):
                 step(x, y)
     names = [e.name for e in prof.events() if e.name.startswith("aten::")]
-    return {
-        "ops": len(names) / 3,
-        "host_reads": sum(n in ("aten::_local_scalar_dense", "aten::item") for n in names) / 3,
-    }
+    reads = sum(n in ("aten::_local_scalar_dense", "aten::item") for n in names)
+    return {"ops": len(names) / 3, "host_reads": reads / 3}
 
 
 def fit(name: str, method: str, precision: str, batch: int, device: str, quick: bool, steps: int) -> dict[str, Any]:
@@ -192,9 +186,8 @@ def fit(name: str, method: str, precision: str, batch: int, device: str, quick: 
 
     torch.manual_seed(0)
     size, n = 32 if quick else 64, (5 + steps) * batch  # convnet4, whatever the model
-    model = ImageClassifier(
-        "convnet4", num_classes=10, model_kwargs={"in_chans": 3, "input_size": size, "channels": 32}
-    )
+    kwargs = {"in_chans": 3, "input_size": size, "channels": 32}
+    model = ImageClassifier("convnet4", num_classes=10, model_kwargs=kwargs)
     data = TensorDataset(torch.randn(n, 3, size, size), torch.randint(0, 10, (n,)))
     data = DataLoader(data, batch_size=batch, pin_memory=device == "cuda")
     precision = "bf16-mixed" if precision == "bf16" else "32-true"
@@ -212,18 +205,13 @@ def fit(name: str, method: str, precision: str, batch: int, device: str, quick: 
 
 # ---------------------------------------------------------------------------------------------------- report
 TABLES = {  # part -> field -> (header, format, header of its ratio to bp or None)
-    "speed": {
-        "samples_per_s": ("samples/s", "{:.0f}", "speed vs bp"),
-        "step_ms": ("step ms", "{:.2f}", None),
-        "peak_mib": ("peak MiB", "{:.0f}", "vs bp"),
-        "step_peak_mib": ("step peak MiB", "{:.0f}", "vs bp"),
-    },
+    "speed": {"samples_per_s": ("samples/s", "{:.0f}", "speed vs bp"), "step_ms": ("step ms", "{:.2f}", None)}
+    | {"peak_mib": ("peak MiB", "{:.0f}", "vs bp"), "step_peak_mib": ("step peak MiB", "{:.0f}", "vs bp")},
     "memory": {
         "extra_rss_mib": ("extra peak RSS MiB", "{:.1f}", "vs bp"),
         "cuda_mib": ("CUDA peak MiB", "{:.1f}", "vs bp"),
-        "autograd_mib": ("autograd-held MiB", "{:.1f}", "vs bp"),
-        "step_s": ("step s", "{:.3f}", None),
-    },
+    }
+    | {"autograd_mib": ("autograd-held MiB", "{:.1f}", "vs bp"), "step_s": ("step s", "{:.3f}", None)},
     "ops": {"ops": ("aten ops / step", "{:.0f}", "vs bp"), "host_reads": ("host reads / step", "{:.0f}", None)},
 }
 
@@ -279,10 +267,8 @@ def main(argv: list[str] | None = None) -> H.Store:
     out, steps = H.setup(args), args.steps or (2 if args.quick else 20)
     if args.child:  # one memory measurement in this fresh process
         model, precision, batch, method = args.child.split("/", 3)
-        print(
-            "RESULT " + json.dumps(memory(model, method, precision, int(batch[1:]), args.device, args.quick)),
-            flush=True,
-        )
+        result = memory(model, method, precision, int(batch[1:]), args.device, args.quick)
+        print("RESULT " + json.dumps(result), flush=True)
         return H.Store(out / "child.json")
     store = H.Store.open(out / f"{args.name}.json", fresh=args.fresh)
     store.settings.setdefault("title", args.title)
@@ -296,9 +282,8 @@ def main(argv: list[str] | None = None) -> H.Store:
                     for precision in args.precisions:
                         for method in methods if "bp" in methods else ["bp", *methods]:
                             key = f"{'fit/' if part == 'fit' else ''}{device}/{name}/{precision}/b{batch}/{method}"
-                            store.runs.setdefault(key, {}).update(
-                                _measure(part, key, name, method, precision, batch, args, steps)
-                            )
+                            measured = _measure(part, key, name, method, precision, batch, args, steps)
+                            store.runs.setdefault(key, {}).update(measured)
                             print(f"[{part}] {key}: {store.runs[key]}", flush=True)
                             store.save()
     if not args.no_report:
@@ -306,18 +291,12 @@ def main(argv: list[str] | None = None) -> H.Store:
     return store
 
 
-def _measure(
-    part: str, key: str, name: str, method: str, precision: str, batch: int, args: Any, steps: int
-) -> dict[str, Any]:
+def _measure(part: str, key: str, name: str, method: str, precision: str, batch: int, args: Any, steps: int) -> dict:
     """One part's fields for one key; a method that fails is recorded with its error and the others still run."""
     try:
         if part == "memory":
-            child_key = key.split("/", 1)[1]
-            return H.child(
-                "steps",
-                ["--child", child_key, "--device", args.device, *(["--quick"] if args.quick else [])],
-                env={"MALLOC_MMAP_THRESHOLD_": "65536"},
-            )
+            argv = ["--child", key.split("/", 1)[1], "--device", args.device, *(["--quick"] * args.quick)]
+            return H.child("steps", argv, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
         fn = {"speed": speed, "ops": ops, "fit": fit}[part]
         return fn(name, method, precision, batch, args.device, args.quick, *([steps] if part != "ops" else []))
     except Exception as err:  # noqa: BLE001 - a failing variant is reported in the table

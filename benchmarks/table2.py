@@ -144,13 +144,7 @@ def summarise(store: H.Store, methods: tuple[str, ...]) -> dict[str, dict[str, f
     out = {}
     for m in (m for m in methods if store.select(f"{m}/*")):
         acc, t, peak = (store.values(f"{m}/*", name) for name in ("acc", "fit_s", "peak_mib"))
-        out[m] = {
-            "acc": H.mean(acc),
-            "acc_std": H.std(acc),
-            "time": H.mean(t),
-            "time_std": H.std(t),
-            "peak_mib": H.mean(peak),
-        }
+        out[m] = dict(acc=H.mean(acc), acc_std=H.std(acc), time=H.mean(t), time_std=H.std(t), peak_mib=H.mean(peak))
     for x in out.values():
         x["time_ratio"] = x["time"] / out["tpsgd-ce"]["time"] if "tpsgd-ce" in out else float("nan")
     return out
@@ -178,20 +172,22 @@ def report(store: H.Store) -> list[str]:
         ]
         rows.append([LABELS[m], *cells, f"{x['time_ratio']:.2f}×", *paper])
     header = ["Method", "Accuracy (%)", "Training time (s)", "Peak RSS above start (MiB)", "Time / tpSGD-ce"]
-    rec, steps, split, methods = s["methods"]["tpsgd-ce"], store.values("tpsgd-ce/*", "steps"), s["split"], s["methods"]
+    split, methods, steps = s["split"], s["methods"], store.values("tpsgd-ce/*", "steps")
+    rec = methods["tpsgd-ce"]
     n = len(store.values("tpsgd-ce/*"))
-    lines = [f"Torch threads: {s['threads']}, float32, all methods in one process, interleaved. Model `mlp2` (784 →"]
-    lines += [f"{HIDDEN} → leaky ReLU({SLOPE}) → 10); {split['train']} training images, accuracy on {split['eval']}"]
-    lines += [f"{split['eval_name']} images; mean ± std over {n} seed(s).", ""]
-    lines += H.md_table([*header, "Paper accuracy (%)", "Paper time (s)"], rows)
+    lines = f"""Torch threads: {s["threads"]}, float32, all methods in one process, interleaved. Model `mlp2`
+(784 → {HIDDEN} → leaky ReLU({SLOPE}) → 10); {split["train"]} training images, accuracy on {split["eval"]}
+{split["eval_name"]} images;
+mean ± std over {n} seed(s).
+""".splitlines()
+    lines += ["", *H.md_table([*header, "Paper accuracy (%)", "Paper time (s)"], rows)]
     budget = f" = {steps[0]:.0f} steps ({steps[0] * rec['batch_size']:.0f} images)" if steps else ""
-    lines += [
-        f"tpSGD / BP recipe: Adam (fused) lr {rec['lr']}, batch {rec['batch_size']}, {rec['epochs']} epoch(s){budget};"
-    ]
-    lines += [f"tpSGD-ℓ2 `{methods['tpsgd-l2']['method']}`. ZORB and LM-KARnet solve with all {split['train']} images"]
-    lines += [
-        f"at once; ridge {methods['zorb-fast']['ridge']} (fast ZORB) / {methods['lm_karnet']['ridge']} (LM-KARnet)."
-    ]
+    lr, batch, epochs = rec["lr"], rec["batch_size"], rec["epochs"]
+    lines += f"""tpSGD / BP recipe: Adam (fused) lr {lr}, batch {batch}, {epochs} epoch(s){budget};
+tpSGD-ℓ2 `{methods["tpsgd-l2"]["method"]}`. ZORB and LM-KARnet solve with all {split["train"]} images at once; ridge
+{methods["zorb-fast"]["ridge"]} (fast ZORB) / {methods["lm_karnet"]["ridge"]} (LM-KARnet), relative to the Gram
+diagonal.
+""".splitlines()
     if s["quick"] or not (v := verdict(summary)).get("zorb"):
         return [*lines, "", "**Target** (issue 6): not evaluated on a quick run." * s["quick"]]
     lines += ["", "**Target** (issue 6): tpSGD at ZORB's and LM-KARnet's accuracy or better in ≥ 3× less time:"]
@@ -206,33 +202,28 @@ def plot(store: H.Store) -> None:
     value = lambda name: {"": [store.values(f"{m}/*", name) for m in methods]}  # noqa: E731
     paper = {"": [P.TABLE2[m][0] if m in P.TABLE2 else None for m in methods]}
     panels = [H.Panel("Accuracy", methods, value("acc"), "accuracy (%)", paper)]
-    panels += [
-        H.Panel("Training time", methods, value("fit_s"), "s", log=True),
-        H.Panel("Peak RSS", methods, value("peak_mib"), "MiB", log=True),
-    ]
+    panels += [H.Panel("Training time", methods, value("fit_s"), "s", log=True)]
+    panels += [H.Panel("Peak RSS", methods, value("peak_mib"), "MiB", log=True)]
     H.bar_chart(store.path.with_suffix(".png"), f"Table 2: mlp2 on MNIST ({len(summary)} methods)", panels)
 
 
 # ---------------------------------------------------------------------------------------------------- tuning
+EPOCHS, BATCHES, LRS = (0.1, 0.2, 0.3, 0.5, 1.0), (64, 128, 256), (1e-3, 2e-3, 5e-3)
+
+
 def tune_grid(quick: bool) -> dict[str, dict[str, Any]]:
     """Named configurations evaluated by ``--tune`` (all on the holdout)."""
     sgd = lambda m, e, b, lr: {"method": m, "epochs": e, "batch_size": b, "lr": lr}  # noqa: E731
     grid = {
-        f"tpsgd-ce/e{e}/b{b}/lr{lr}": sgd("tpsgd-ce", e, b, lr)
-        for e in (0.1, 0.2, 0.3, 0.5, 1.0)
-        for b in (64, 128, 256)
-        for lr in (1e-3, 2e-3, 5e-3)
+        f"tpsgd-ce/e{e}/b{b}/lr{lr}": sgd("tpsgd-ce", e, b, lr) for e, b, lr in itertools.product(EPOCHS, BATCHES, LRS)
     }
     for e, lr, ts in itertools.product((0.2, 1.0), (1e-3, 2e-3, 5e-3), (1.0, 30.0)):
         grid[f"tpsgd-l2/e{e}/b128/lr{lr}/ts{ts}"] = sgd(f"tpsgd-l2@{ts:g}", e, 128, lr)
     for ridge in (1e-5, 1e-4, 1e-3, 1e-2):
         grid[f"lm_karnet/recursive/r{ridge}"] = {"method": "lm_karnet", "solver": "recursive", "ridge": ridge}
         for it in (1, 2):
-            grid[f"zorb-fast/recursive/r{ridge}/it{it}"] = {
-                "method": "zorb",
-                "solver": "recursive",
-                "ridge": ridge,
-                "iterations": it,
+            grid[f"zorb-fast/recursive/r{ridge}/it{it}"] = {"method": "zorb", "solver": "recursive", "ridge": ridge} | {
+                "iterations": it
             }
     grid |= {"lm_karnet/pinv": {"method": "lm_karnet", "solver": "pinv"}}
     grid |= {f"zorb/pinv/it{it}": {"method": "zorb", "solver": "pinv", "iterations": it} for it in (1, 2)}
@@ -244,28 +235,23 @@ def tune_report(store: H.Store) -> list[str]:
     """The baselines' best settings and the smallest tpSGD-ce budget that reaches them, from the holdout runs."""
     grid, split = store.settings["grid"], store.settings["split"]
     acc, secs = ({k: H.mean(store.values(f"{k}/*", name)) for k in grid} for name in ("acc", "fit_s"))
-    best = {
-        f: max((k for k in grid if k.startswith(f + "/")), key=acc.__getitem__)
-        for f in ("zorb", "zorb-fast", "lm_karnet")
-    }
+    family = lambda f: (k for k in grid if k.startswith(f + "/"))  # noqa: E731
+    best = {f: max(family(f), key=acc.__getitem__) for f in ("zorb", "zorb-fast", "lm_karnet")}
     bar = max(acc[best[f]] for f in BASELINES)
     ok = [k for k in grid if k.startswith("tpsgd-ce/") and acc[k] >= bar]
     choice = min(ok, key=lambda k: (grid[k]["epochs"], -grid[k]["batch_size"], -acc[k])) if ok else None
     n = len(store.values(next(iter(grid)) + "/*"))
-    lines = [
-        f"Holdout: {split['holdout']} images of the training set (seeded), training on the other {split['train']};"
-    ]
-    lines += [f"mean over {n} seed(s); the test split is never used here. Times: wall-clock, not interleaved.", ""]
-    lines += [
-        "Best baselines (holdout accuracy): "
-        + ", ".join(f"{f}: `{k}` {acc[k]:.2f} % in {secs[k]:.2f} s" for f, k in best.items()),
-        "",
-    ]
+    baselines = ", ".join(f"{f}: `{k}` {acc[k]:.2f} % in {secs[k]:.2f} s" for f, k in best.items())
     chosen = f"`{choice}` ({acc[choice]:.2f} % in {secs[choice]:.2f} s)." if choice else "none."
-    lines += [
-        f"Accuracy bar (best of ZORB and LM-KARnet): {bar:.2f} %. Smallest tpSGD-ce budget at or above it (fewest"
-    ]
-    lines += [f"epochs, then fewest steps; the most accurate of equal budgets): {chosen}", ""]
+    lines = f"""Holdout: {split["holdout"]} images of the training set (seeded), training on the other {split["train"]};
+mean over {n} seed(s); the test split is never used here. Times: wall-clock, not interleaved.
+
+Best baselines (holdout accuracy): {baselines}
+
+Accuracy bar (best of ZORB and LM-KARnet): {bar:.2f} %. Smallest tpSGD-ce budget at or above it (fewest epochs,
+then fewest steps; the most accurate of equal budgets): {chosen}
+
+""".splitlines()
     rows = ([f"`{k}`", f"{acc[k]:.2f}", f"{secs[k]:.2f}"] for k in sorted(grid))
     return [*lines, *H.md_table(["Configuration", "Holdout accuracy (%)", "Training time (s)"], rows)]
 
@@ -280,23 +266,21 @@ def main(argv: list[str] | None = None) -> H.Store:
     if not args.report_only:
         split = make_splits(load_mnist(args.data_dir), args.quick, args.tune)
         configs = tune_grid(args.quick) if args.tune else method_configs()
-        sizes = {
-            "train": len(split["y"]),
-            **({"holdout": len(split["y_eval"])} if args.tune else {"eval": len(split["y_eval"]), "eval_name": "test"}),
-        }
+        evals = {"holdout": len(split["y_eval"])} if args.tune else {"eval": len(split["y_eval"]), "eval_name": "test"}
         settings = {
             "quick": args.quick,
             "threads": torch.get_num_threads(),
-            "split": sizes,
-            "grid" if args.tune else "methods": configs,
+            "split": {"train": len(split["y"]), **evals},
         }
+        settings["grid" if args.tune else "methods"] = configs
         store = H.Store.open(path, settings, args.fresh)
         store.add_command("table2", argv)
         names = list(configs) if args.tune else [m for m in configs if m in args.methods]
         rotated = lambda seed: names if args.tune else names[seed % len(names) :] + names[: seed % len(names)]  # noqa: E731
-        store.run(
+        jobs = (
             (f"{m}/{seed}", partial(run_one, configs[m], split, seed)) for seed in H.seeds(args) for m in rotated(seed)
         )
+        store.run(jobs)
         store.save()
     store = store or H.Store.open(path)
     if not args.no_report and args.tune:
