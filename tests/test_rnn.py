@@ -7,6 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,8 +36,8 @@ def _context(rule: str | object, labels: torch.Tensor, store: dict, dtype=torch.
             store.setdefault("kinds", {})[key] = kind
         return projections[key]
 
-    def submit(grads, loss):
-        store["grads"], store["loss"] = list(grads), loss
+    def submit(grads, loss, readout_grads=None):
+        store["grads"], store["loss"], store["readout_grads"] = list(grads), loss, readout_grads
 
     rule = create_rule(rule) if isinstance(rule, str) else rule
     return LocalContext(labels, C, rule, "rnn", projection, submit)
@@ -227,6 +228,41 @@ def test_local_gradients_equal_a_per_time_step_computation(rule, bidirectional, 
     ref_out, ref_h = rnn(x)
     torch.testing.assert_close(output, ref_out)
     torch.testing.assert_close(h_n, ref_h)
+
+
+@pytest.mark.parametrize(("num_layers", "bidirectional"), [(1, False), (1, True), (2, False)])
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_learned_readout_gradients_equal_autograd_with_time_local_states(num_layers, bidirectional, chunk_size):
+    """Rule "learned": per step CE(h_{t+1} W_t^T, y) with h_t detached from step to step and between layers."""
+    torch.manual_seed(0)
+    rnn = RNN(F_IN, H, num_layers=num_layers, bidirectional=bidirectional, chunk_size=chunk_size, dtype=torch.float64)
+    x, y = torch.randn(T, B, F_IN, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    store: dict = {}
+    rnn.tpsgd_context = _context("learned", y, store)
+    output, _ = rnn(x)
+    rnn.tpsgd_context = None
+    readouts = {k: P.clone().requires_grad_() for k, P in store["P"].items()}
+    loss, layer_input = 0.0, x
+    for layer in range(num_layers):
+        outs = []
+        for d, suffix in enumerate(["", "_reverse"][: 2 if bidirectional else 1]):
+            p = {k: getattr(rnn, f"{k}_l{layer}{suffix}") for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            h, out = x.new_zeros(B, H), [None] * T
+            for step, t in enumerate(reversed(range(T)) if d else range(T)):
+                z = h.detach() @ p["weight_hh"].T + p["bias_hh"] + layer_input[t] @ p["weight_ih"].T + p["bias_ih"]
+                h = out[t] = torch.tanh(z)
+                loss = loss + F.cross_entropy(h @ readouts[f"l{layer}{suffix}"][:, step].T, y)
+            outs.append(torch.stack(out))
+        layer_input = torch.cat(outs, dim=2).detach()
+    names = [n for n, _ in rnn.named_parameters()]
+    expected = torch.autograd.grad(loss, [*rnn.parameters(), *readouts.values()])
+    for name, grad, ref in zip(names, store["grads"], expected, strict=False):
+        torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12, msg=name)
+    assert sorted(store["readout_grads"]) == sorted(readouts)
+    for key, ref in zip(readouts, expected[len(names) :], strict=True):
+        torch.testing.assert_close(store["readout_grads"][key], ref, rtol=1e-10, atol=1e-12, msg=key)
+    torch.testing.assert_close(store["loss"], loss.detach())
+    torch.testing.assert_close(output, layer_input)
 
 
 @pytest.mark.parametrize("rule", list_rules())
@@ -553,3 +589,32 @@ def test_torch_recurrent_layers_are_rejected_with_a_pointer_to_ours():
 
 def test_the_default_cell_is_tanh_like_torch_nn_rnn():
     assert RNN(F_IN, H).nonlinearity == "tanh" == nn.RNN(F_IN, H).nonlinearity
+
+
+def test_learned_readouts_train_with_the_optimizer_and_round_trip_through_the_state_dict():
+    """The RNN's default rule ("learned"): one readout per layer and direction, trained, checkpointed, restored."""
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = RNN(4, 6, bidirectional=True, batch_first=True), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(torch.cat(list(self.rnn(x)[1]), dim=1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5, 4), torch.randint(0, 3, (8,))
+    learner = LocalLearner(Recurrent())
+    learner.step(x, y)
+    readouts = learner.learned_projections()
+    assert [tuple(P.shape) for P in readouts] == [(3, 5, 6), (3, 5, 6)]
+    before = [P.detach().clone() for P in readouts]
+    learner.step(x, y)
+    assert all(not torch.equal(a, P) for a, P in zip(before, readouts, strict=True))  # trained
+    state = copy.deepcopy(learner.state_dict())
+    assert sorted(state["projections"]) == ["rnn:l0", "rnn:l0_reverse"]
+    restored = LocalLearner(copy.deepcopy(learner.model))
+    restored.step(x, y)  # traced: the readouts exist, then the checkpoint replaces them and the optimizer state
+    restored.load_state_dict(state)
+    for a, b in zip(restored.learned_projections(), readouts, strict=True):
+        torch.testing.assert_close(a, b)

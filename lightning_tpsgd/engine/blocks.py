@@ -178,6 +178,8 @@ class Block:
         rule / projection / target / target_scale: the local learning configuration (hidden blocks).
         local_projection: the projection kind a ``LocalModule`` block was given by the overrides (it builds
             its own projections, so ``projection`` stays ``None``).
+        readouts: a ``LocalModule`` block's learned projections (rule ``"learned"``) by name, in the order they
+            were built: they follow the module's own parameters in ``params``.
         functional_activation: the traced forward applies an activation function (``F.relu``, ``torch.tanh``)
             between the layer and the next trainable layer, outside any activation module.
         tap_shape: per-sample shape of the output at a function-activation tap (``tap`` is ``None``): the layer's
@@ -197,6 +199,7 @@ class Block:
     target: str = "post"
     target_scale: float = 1.0
     local_projection: str | None = None
+    readouts: dict[str, nn.Parameter] = field(default_factory=dict)
     functional_activation: bool = False
     tap_shape: tuple[int, ...] | None = None
 
@@ -216,6 +219,13 @@ class Block:
         """``params``: the trainable parameters of the layer, then of its followers."""
         self.params = [p for p in self.layer.parameters() if p.requires_grad]
         self.params += [p for _, m in self.followers for p in m.parameters() if p.requires_grad]
+        self.params += list(self.readouts.values())
+
+    def drop_readouts(self) -> None:
+        """Forget the learned projections of a LocalModule block (rebuilt at its next run)."""
+        stale = {id(P) for P in self.readouts.values()}
+        self.params = [p for p in self.params if id(p) not in stale]
+        self.readouts = {}
 
     @property
     def tap_name(self) -> str:

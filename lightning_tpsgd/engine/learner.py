@@ -39,14 +39,14 @@ from .checks import (
 )
 from .graphs import GraphedSteps
 from .schedule import Schedule, freeze
-from .store import ProjectionStore
+from .store import ProjectionStore, learned
 
 __all__ = ["AUTO_RULES", "GradSync", "LocalLearner", "StopForward"]
 
 #: The rule ``rule="auto"`` (the default) gives each kind of hidden block, chosen by measurement on models
 #: written as users write them (``benchmarks/defaults.py``; README, "Rules, and why the default is auto").
-#: ``"lean"``: Linear and Conv blocks in lean mode, which stores no projection and so cannot learn one. A
-#: :class:`~lightning_tpsgd.nn.LocalModule` names its own in ``tpsgd_auto_rule``.
+#: ``"lean"``: every block in lean mode, which stores no projection and so cannot learn one. A
+#: :class:`~lightning_tpsgd.nn.LocalModule` names its own in ``tpsgd_auto_rule`` (``"learned"`` for the RNN).
 AUTO_RULES: dict[str, str] = {"linear": "learned", "conv": "learned", "lean": "ce"}
 
 
@@ -75,7 +75,8 @@ class StopForward(Exception):
 def _auto_rule(block: Block, lean: bool) -> str:
     """The rule ``rule="auto"`` resolves to for ``block`` (see :data:`AUTO_RULES`)."""
     if block.is_local_module:
-        return str(getattr(block.layer, "tpsgd_auto_rule", "ce"))
+        rule = str(getattr(block.layer, "tpsgd_auto_rule", "ce"))
+        return AUTO_RULES["lean"] if lean and create_rule(rule).learns_projection else rule
     if lean:
         return AUTO_RULES["lean"]
     return AUTO_RULES["conv" if block.is_conv else "linear"]
@@ -240,10 +241,13 @@ class LocalLearner:
                 opts.update(extra)
         scale = float(opts["target_scale"])
         block.rule = create_rule(_auto_rule(block, self.lean) if opts["rule"] == "auto" else opts["rule"])
-        if block.rule.learns_projection and (block.is_local_module or self.lean):
+        if block.rule.learns_projection and (
+            self.lean or (block.is_local_module and not getattr(block.layer, "tpsgd_learns_readout", False))
+        ):
             raise ValueError(
-                f"Rule {block.rule!r} of block '{block.name}' learns its projection, which needs a Linear or "
-                "Conv block (not a LocalModule) and a stored projection (lean=False)."
+                f"Rule {block.rule!r} of block '{block.name}' learns its projection, which needs a stored projection "
+                "(lean=False) and a Linear or Conv block or a LocalModule that trains a readout "
+                "(tpsgd_learns_readout, e.g. lightning_tpsgd.nn.RNN)."
             )
         block.target = opts["target"]
         block.target_scale = scale
@@ -303,9 +307,7 @@ class LocalLearner:
 
     def learned_projections(self) -> list[nn.Parameter]:
         """The projections built so far that are trained with their block, in block order."""
-        return [
-            b.projection.P for b in self.hidden if b.projection is not None and isinstance(b.projection.P, nn.Parameter)
-        ]
+        return [P for _, P in learned(self.hidden)]
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -466,13 +468,23 @@ class LocalLearner:
         def projection(key: str, shape: Sequence[int], kind: str | None = None, scale: float | None = None) -> Tensor:
             return self._store.local(block, key, shape, kind, scale, self.num_classes)
 
-        def submit(grads: Sequence[Tensor | None], loss: Tensor) -> None:
-            if len(grads) != len(block.params):
+        def submit(
+            grads: Sequence[Tensor | None], loss: Tensor, readout_grads: Mapping[str, Tensor] | None = None
+        ) -> None:
+            expected = len(block.params) - len(block.readouts)
+            if len(grads) != expected:
                 raise ValueError(
-                    f"LocalModule '{block.name}' submitted {len(grads)} gradients for {len(block.params)} "
+                    f"LocalModule '{block.name}' submitted {len(grads)} gradients for {expected} "
                     "trainable parameters; give one per parameter, in parameters() order (None for none)."
                 )
-            self._record(block, grads, loss.detach())
+            readout_grads = dict(readout_grads or {})
+            keys = [name.split(":", 1)[1] for name in block.readouts]
+            if sorted(readout_grads) != sorted(keys):
+                raise ValueError(
+                    f"LocalModule '{block.name}' submitted readout gradients for {sorted(readout_grads)} but its "
+                    f"learned projections are {sorted(keys)}; give one gradient per projection it requested."
+                )
+            self._record(block, [*grads, *(readout_grads[k] for k in keys)], loss.detach())
             if self._stop_after(block) and self._trace is None:  # the traced batch runs the whole forward
                 self._stop()
 
@@ -653,6 +665,8 @@ class LocalLearner:
                 raise ValueError(f"num_classes must be at least 2, got {self.num_classes}; pass num_classes=.")
         self._schedule.resize(len(self.hidden) + 1)
         for block in blocks:
+            if changed:  # readouts of the guessed number of classes: rebuilt at the next batch
+                block.drop_readouts()
             if block.is_output:
                 block.clear_config()
             elif changed or id(block) not in trace.configured:  # new classes: new projections

@@ -136,15 +136,25 @@ class ProjectionStore:
         if projection is None:
             projection = create_projection(kind or "uniform", num_classes, scale or block.target_scale)
             p0 = block.params[0]
-            self.build(name, projection, tuple(shape), p0.device, p0.dtype)
+            restored = self.build(name, projection, tuple(shape), p0.device, p0.dtype)
             self.projections[name] = projection
+            if block.rule is not None and block.rule.learns_projection:  # a readout trained with the module
+                if not self.optimizers:
+                    raise RuntimeError(
+                        f"Rule {block.rule!r} of block '{block.name}' learns its projection but no optimizer would "
+                        "train it: call learner.attach_optimizer(optimizer) before the first training step."
+                    )
+                self.learn(block, init=not restored, projection=projection)
+                assert isinstance(projection.P, nn.Parameter)
+                block.readouts[name] = projection.P
         assert projection.P is not None
         return projection.P
 
     # ------------------------------------------------------------------ learned projections
-    def learn(self, block: Block, init: bool) -> None:
-        """Make the block's freshly built projection a parameter of the block (rule ``learns_projection``)."""
-        projection, rule = block.projection, block.rule
+    def learn(self, block: Block, init: bool, projection: Projection | None = None) -> None:
+        """Make a freshly built projection of the block (default: its own) a parameter of the block."""
+        projection = block.projection if projection is None else projection
+        rule = block.rule
         assert projection is not None and projection.P is not None and rule is not None
         P = rule.init_projection(projection.P) if init else projection.P
         projection.P = nn.Parameter(P.detach().clone(), requires_grad=block.params[0].requires_grad)
@@ -157,9 +167,8 @@ class ProjectionStore:
         if not any(optimizer is o for o in self.optimizers):
             self.optimizers.append(optimizer)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for block in hidden:
-            P = None if block.projection is None else block.projection.P
-            if isinstance(P, nn.Parameter) and id(P) not in owned:
+        for block, P in learned(hidden):
+            if id(P) not in owned:
                 optimizer.add_param_group(_group_like(optimizer, block.params[0], P))
 
     # ------------------------------------------------------------------ checkpoints
@@ -187,6 +196,23 @@ class ProjectionStore:
                 p0 = block.params[0]
                 self.build(name, projection, tuple(P.shape[1:]), p0.device, p0.dtype)
                 self.learn(block, init=False)
+            elif projection is None and block.is_local_module and block.params and _learns(block):
+                # a LocalModule's readout: in the optimizer now, before its state is loaded
+                self.local(block, name.split(":", 1)[1], tuple(P.shape[1:]), None, None, P.shape[0])
+
+
+def learned(hidden: Sequence[Block]) -> list[tuple[Block, nn.Parameter]]:
+    """The learned projections of ``hidden`` with their blocks, in block order (a LocalModule's readouts last)."""
+    pairs = []
+    for block in hidden:
+        P = None if block.projection is None else block.projection.P
+        pairs += [(block, P)] if isinstance(P, nn.Parameter) else []
+        pairs += [(block, R) for R in block.readouts.values()]
+    return pairs
+
+
+def _learns(block: Block) -> bool:
+    return block.rule is not None and block.rule.learns_projection
 
 
 def _group_like(optimizer: torch.optim.Optimizer, param: Tensor, P: Tensor) -> dict[str, Any]:

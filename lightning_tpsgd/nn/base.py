@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -25,8 +25,9 @@ class LocalContext:
             matrix of shape ``(C, *shape)``; ``kind`` is a projection registry name (default: the block's).
         projection_kind: the projection kind the user set for this block (the strategy's ``overrides``),
             or ``None``; a module must use it instead of its own default kind.
-        submit: ``submit(grads, loss)`` hands back one gradient per trainable parameter (in
-            ``parameters()`` order, ``None`` for none) and the detached local loss (a scalar tensor).
+        submit: ``submit(grads, loss, readout_grads=None)`` hands back one gradient per trainable parameter (in
+            ``parameters()`` order, ``None`` for none), the detached local loss (a scalar tensor) and, when the
+            rule learns its projection, ``{key: dJ/dP}`` for every projection the module requested.
     """
 
     labels: Tensor
@@ -34,7 +35,7 @@ class LocalContext:
     rule: LocalRule
     block: str
     projection: Callable[..., Tensor]
-    submit: Callable[[Sequence[Tensor | None], Tensor], None]
+    submit: Callable[..., None]
     projection_kind: str | None = None
     options: dict = field(default_factory=dict)
 
@@ -47,7 +48,11 @@ class LocalModule(nn.Module):
     carry no autograd graph. Otherwise (``tpsgd_context is None``) it is an ordinary differentiable module.
 
     ``tpsgd_auto_rule`` names the rule the engine's ``rule="auto"`` (its default) gives the module.
+    ``tpsgd_learns_readout`` says that the module supports rules that learn their projection (``"learned"``):
+    ``context.projection`` then returns a parameter the optimizer trains with the module, and ``forward`` hands
+    its gradients to ``context.submit`` as ``readout_grads`` (one per requested key).
     """
 
     tpsgd_context: LocalContext | None = None
     tpsgd_auto_rule: str = "ce"
+    tpsgd_learns_readout: bool = False

@@ -166,6 +166,9 @@ class RNN(LocalModule):
         (torch.Size([8, 28, 64]), torch.Size([1, 8, 64]))
     """
 
+    tpsgd_auto_rule = "learned"
+    tpsgd_learns_readout = True
+
     def __init__(
         self,
         input_size: int,
@@ -394,6 +397,7 @@ class RNN(LocalModule):
         x, h0 = x.to(compute_dtype), h0.to(compute_dtype)
         hidden, directions = self.hidden_size, self.num_directions
         grads: dict[str, Tensor] = {}
+        readout_grads: dict[str, Tensor] = {}  # rule "learned": the gradients of the learned readouts, by key
         total_loss = torch.zeros((), device=weight.device, dtype=weight.dtype)
         layer_input, finals = x, []
         for layer in range(self.num_layers):
@@ -425,11 +429,18 @@ class RNN(LocalModule):
                     grad_dtype=self._grad_dtype,
                     accumulate_dtype=weight.dtype,
                 )
+                readout_grad = cell_grads.pop("readout", None)
+                if readout_grad is not None:
+                    readout_grads[f"l{layer}{suffix}"] = readout_grad
                 grads.update({f"{name}_l{layer}{suffix}": g for name, g in cell_grads.items()})
                 total_loss += loss
                 finals.append(h_last if output is not None else h_last.clone())  # else a view of the scratch
             layer_input = output
-        context.submit([grads[name] for name, p in self.named_parameters() if p.requires_grad], total_loss)
+        params = [grads[name] for name, p in self.named_parameters() if p.requires_grad]
+        if readout_grads:
+            context.submit(params, total_loss, readout_grads)
+        else:
+            context.submit(params, total_loss)
         return layer_input, torch.stack(finals)
 
 
@@ -511,12 +522,16 @@ def _local_cell(
     bias = None if b_ih is None or b_hh is None else b_ih + b_hh
     w_ih_t, w_hh_t = w_ih.t(), w_hh.t()
     midpoint = act.midpoint if center else 0.0
+    learned = rule.learns_projection  # P is a readout trained with the cell: the targets are its rows
     # the projection by position: targets[p] = B_s (C, H) for the step s the cell takes at position p
-    targets = (P.flip(1) if reverse else P).to(x.dtype).transpose(0, 1)
-    targets = (targets - targets.mean(1, keepdim=True) if center else targets).contiguous()
+    targets = (P.detach().flip(1) if reverse else P.detach()).to(x.dtype).transpose(0, 1)
+    if center and not learned:
+        targets = targets - targets.mean(1, keepdim=True)
+    targets = targets.contiguous()
+    g_readout = torch.zeros_like(targets, dtype=accumulate_dtype) if learned else None  # by position
     # a mean over elements: one call covers a whole chunk (a sum over elements goes step by step)
     vectorised = type(rule) in _ELEMENTWISE_RULES and getattr(rule, "reduction", "mean") == "mean"
-    per_step = None if vectorised else _rule_grad(rule)
+    per_step = None if vectorised or learned else _rule_grad(rule)
     h = h0
     for s0 in range(0, seq_len, chunk_size):
         s1 = min(s0 + chunk_size, seq_len)
@@ -540,7 +555,10 @@ def _local_cell(
         # D_t = dJ_t/dh_{t+1} ⊙ σ'(z_{t+1}), J_t the rule against B_s[y] for the cell's step s at each position
         G = grad_h[:n]
         h_rule = buf if midpoint == 0.0 else buf - midpoint
-        if vectorised:
+        if g_readout is not None:
+            loss += _readout_ce_(h_rule, labels, targets[a:b], G, g_readout[a:b])
+            scale = 1.0
+        elif vectorised:
             torch.index_select(targets[a:b], 1, labels, out=G)
             # the rule's mean over the chunk's n·B·H elements is 1/n of the sum of its per-step means
             step = local_grad(rule, h_rule, target=G)
@@ -569,7 +587,34 @@ def _local_cell(
     grads = {"weight_ih": g_ih, "weight_hh": g_hh}
     if b_ih is not None:
         grads.update(bias_ih=g_b, bias_hh=g_b.clone())
+    if g_readout is not None:  # back from positions to the steps of P, (C, T, H)
+        if mean_over_time:
+            g_readout /= seq_len
+        grads["readout"] = (g_readout.flip(0) if reverse else g_readout).transpose(0, 1).to(P.dtype)
     return grads, (loss / seq_len if mean_over_time else loss), h
+
+
+def _readout_ce_(h: Tensor, labels: Tensor, readout: Tensor, grad_h: Tensor, grad_readout: Tensor) -> Tensor:
+    """Rule ``"learned"`` on a chunk of steps: the summed per-step cross-entropy of the readouts ``h_s W_s^T``.
+
+    Writes ``dJ/dh`` into ``grad_h`` and adds ``dJ/dW`` to ``grad_readout``, with ``J`` the sum over the chunk's
+    steps of the batch-mean cross-entropy of each step.
+
+    Shape:
+        - h, grad_h: (n, B, H); labels: (B,); readout, grad_readout: (n, C, H)
+        - returns: the chunk's loss, a scalar
+    """
+    n, batch, _ = h.shape
+    logits = torch.bmm(h, readout.transpose(1, 2))  # (n, B, C)
+    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # fp32 at least
+    index = labels.view(1, batch, 1).expand(n, batch, 1)
+    loss = -log_probs.gather(2, index).sum() / batch
+    dlogits = log_probs.exp_()
+    dlogits.scatter_add_(2, index, torch.full_like(dlogits[..., :1], -1.0)).div_(batch)
+    dlogits = dlogits.to(h.dtype)
+    torch.bmm(dlogits, readout, out=grad_h)
+    grad_readout.add_(torch.bmm(dlogits.transpose(1, 2), h).to(grad_readout.dtype))
+    return loss.to(grad_readout.dtype)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -67,7 +67,8 @@ def test_auto_rule_follows_the_block_kind():
         def forward(self, x):
             return self.head(self.rnn(x)[1][-1])
 
-    assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)))) == {"rnn": "ce"}  # RNN.tpsgd_auto_rule
+    assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)))) == {"rnn": "learned"}  # its tpsgd_auto_rule
+    assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)), lean=True)) == {"rnn": "ce"}
 
     class L1RNN(RNN):
         tpsgd_auto_rule = "l1"  # a LocalModule names its own
