@@ -155,12 +155,15 @@ BARS = {"control": 2.0, "feedforward": 1.5, "recurrent": 8.0}  # issue 18's bars
 TARGETS = {"mnist/mlp2": 96.5, "mnist/cnn2": 98.0, "cifar10/cnn2": 55.0}  # issue's targets for ce or learned
 
 
-def library_defaults() -> dict[str, str]:
-    """The library defaults a ``tpsgd`` run depends on (a run made under others is measured again)."""
+def library_defaults(recurrent: bool = False) -> dict[str, str]:
+    """The library defaults a ``tpsgd`` run depends on (a run made under others is measured again); for the
+    recurrent rows also the rule ``"auto"`` gives the RNN."""
     from lightning_tpsgd import TPSGDStrategy
+    from lightning_tpsgd.nn import RNN
 
     params = inspect.signature(TPSGDStrategy).parameters
-    return {"rule": str(params["rule"].default), "target_scale": str(params["target_scale"].default)}
+    found = {"rule": str(params["rule"].default), "target_scale": str(params["target_scale"].default)}
+    return {**found, "rnn_auto_rule": RNN.tpsgd_auto_rule} if recurrent else found
 
 
 def _block_recorder() -> Any:
@@ -197,13 +200,14 @@ def run_one(row: Row, method: str, seed: int, data_dir: str, quick: bool) -> dic
     out = H.fit(module, dm, method, 1 if quick else row.epochs, callbacks=[recorder], limit_val_batches=0)
     if recorder.blocks:
         out["blocks"] = recorder.blocks
-    return {**out, **({"defaults": library_defaults()} if method == "tpsgd" else {})}
+    return {**out, **({"defaults": library_defaults(row.recurrent)} if method == "tpsgd" else {})}
 
 
 def jobs(store: H.Store, suite: str, rows: list[str], methods: list[str], args: Any) -> Iterator[H.Job]:
     for seed, name, method in itertools.product(H.seeds(args), rows, methods):  # every row's first seed first
         key = f"{name}/{method}/{seed}"
-        if method == "tpsgd" and key in store.runs and store.runs[key].get("defaults") != library_defaults():
+        found = library_defaults(SUITES[suite][name].recurrent)
+        if method == "tpsgd" and key in store.runs and store.runs[key].get("defaults", found) != found:
             store.runs[f"superseded/{key}@{len(store.select(f'superseded/{key}@*'))}"] = store.runs.pop(key)
         yield key, partial(run_one, SUITES[suite][name], method, seed, args.data_dir, args.quick)
 
