@@ -98,13 +98,20 @@ def test_defaults_quick_runs_end_to_end_and_resumes(synthetic_data, tmp_path):
 
 
 def test_a_default_run_made_under_other_defaults_is_measured_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(accuracy, "library_defaults", lambda: {"rule": "auto"})
+    monkeypatch.setattr(accuracy, "library_defaults", lambda recurrent=False: {"rule": "auto"})
     store = H.Store(tmp_path / "defaults.json")
     store.runs = {"mnist/mlp/tpsgd/0": {"acc": 1.0, "defaults": {"rule": "ce"}}, "mnist/mlp/bp/0": {"acc": 2.0}}
     args = Namespace(seed_ids=[0], seeds=None, data_dir="", quick=True)
     keys = [k for k, _ in accuracy.jobs(store, "defaults", ["mnist/mlp"], ["tpsgd", "bp"], args)]
     assert keys == ["mnist/mlp/tpsgd/0", "mnist/mlp/bp/0"]
     assert set(store.runs) == {"superseded/mnist/mlp/tpsgd/0@0", "mnist/mlp/bp/0"}  # kept aside, not lost
+
+
+def test_recurrent_rows_record_the_rule_auto_gives_the_rnn():
+    from lightning_tpsgd.nn import RNN
+
+    assert accuracy.library_defaults(recurrent=True)["rnn_auto_rule"] == RNN.tpsgd_auto_rule
+    assert "rnn_auto_rule" not in accuracy.library_defaults()  # feedforward runs are not re-measured for it
 
 
 @pytest.mark.slow
