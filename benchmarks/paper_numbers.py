@@ -4,8 +4,6 @@ Accuracies in %, as ``(mean, std)`` over the paper's 25 restarts (TensorFlow on 
 The benchmark scripts and ``benchmarks/report.py`` read them from here.
 """
 
-from __future__ import annotations
-
 #: Table 2 (2-layer MLP on MNIST): method -> (accuracy, its std, training time, its std).
 TABLE2: dict[str, tuple[float, float, float, float]] = {
     "zorb": (89.4, 0.22, 7.9, 0.39),

@@ -1,20 +1,5 @@
-"""Reproduce the paper and collect every result into ``benchmarks/REPORT.md``.
-
-Usage (repository root)::
-
-    python -m benchmarks.report                                                     # REPORT.md from results/
-    python -m benchmarks.report --run 2 3 fig3 --data-dir ../shared/data --seeds 3 --threads 1
-    python -m benchmarks.report --run all --quick --seeds 1     # a smoke test: results/quick/REPORT.md
-    python -m benchmarks.report --run all --dry-run             # print the commands
-
-``--run`` runs, each in a fresh process (so that peak-memory figures are honest), the scripts of the tables asked for
-(2: ``table2``; 3: ``accuracy core``; 4: ``figures vgg11`` and ``adaptor_table4``; 5, 7, 8: ``rnn_tables accuracy``;
-fig3, fig4: ``figures``), passing on ``--data-dir``, ``--seeds``, ``--threads``, ``--quick``, ``--fresh`` and
-``--out``. The report then gathers the results' ``.md`` files in paper order after a "paper claim vs ours" table read
-from their ``.json`` files ("not run" where one is absent).
-"""
-
-from __future__ import annotations
+"""Collect every result into ``benchmarks/REPORT.md`` (``python -m benchmarks.report``); ``--run`` first runs the
+scripts of the tables asked for, each in a fresh process (``--run all --quick --seeds 1``: a smoke test)."""
 
 import argparse
 import os
@@ -32,11 +17,8 @@ RUNS: dict[str, list[list[str]]] = {  # table -> the commands (module, arguments
     "2": [["table2"]],
     "3": [["accuracy", "core", "--rows", "mnist/cnn2", "cifar10/cnn2"]],
     "4": [["figures", "vgg11"], ["adaptor_table4"]],
-    "5": [["rnn_tables", "accuracy", "--tables", "5"]],
-    "7": [["rnn_tables", "accuracy", "--tables", "7"]],
-    "8": [["rnn_tables", "accuracy", "--tables", "8"]],
-    "fig3": [["figures", "fig3"]],
-    "fig4": [["figures", "fig4"]],
+    **{table: [["rnn_tables", "accuracy", "--tables", table]] for table in "578"},
+    **{figure: [["figures", figure]] for figure in ("fig3", "fig4")},
 }
 Row = tuple[str, str, str]  # item, paper, ours
 
@@ -48,20 +30,16 @@ def _table2(store: H.Store) -> list[Row]:
     ours = {
         m: f"{x['acc']:.2f} ± {x['acc_std']:.2f} %, {x['time']:.2f} s, +{x['peak_mib']:.0f} MiB" for m, x in s.items()
     }
-    rows = [("Table 2 · ZORB", paper["zorb"], ours.get("zorb", "not run"))]
-    rows += [("Table 2 · LM-KARnet", paper["lm_karnet"], ours.get("lm_karnet", "not run"))]
-    rows += [
-        ("Table 2 · tpSGD", paper["tpsgd-l2"] + " (ℓ2)", f"ℓ2: {ours.get('tpsgd-l2')}; ce: {ours.get('tpsgd-ce')}")
+    rows = [
+        (f"Table 2 · {name}", paper[m], ours.get(m, "not run"))
+        for m, name in (("zorb", "ZORB"), ("lm_karnet", "LM-KARnet"))
     ]
+    tpsgd = f"ℓ2: {ours.get('tpsgd-l2')}; ce: {ours.get('tpsgd-ce')}"
+    rows += [("Table 2 · tpSGD", paper["tpsgd-l2"] + " (ℓ2)", tpsgd)]
     if (v := verdict(s)).get("zorb") and v.get("lm_karnet") and not store.settings["quick"]:
         ratios = f"tpSGD-ce {v['zorb']['time_ratio']:.1f}× / {v['lm_karnet']['time_ratio']:.1f}× less time than ZORB / "
-        rows += [
-            (
-                "Table 2 · time claim",
-                P.TABLE2_CLAIM,
-                ratios + f"LM-KARnet: ≥ 3× target {'met' if v['met'] else 'not met'}",
-            )
-        ]
+        ratios += f"LM-KARnet: ≥ 3× target {'met' if v['met'] else 'not met'}"
+        rows += [("Table 2 · time claim", P.TABLE2_CLAIM, ratios)]
     return rows
 
 
@@ -69,17 +47,10 @@ def _core(store: H.Store) -> list[Row]:
     rows = []
     for name, label in (("mnist/cnn2", "MNIST"), ("cifar10/cnn2", "CIFAR-10")):
         paper = P.TABLE3[tuple(name.split("/"))]
-        ours = [
-            f"{m} {H.mean_std(store.values(f'{name}/{m}/*'), 1)} %"
-            for m in ("tpsgd-ce", "tpsgd-learned", "tpsgd-l2@30", "bp")
-        ]
-        rows.append(
-            (
-                f"Table 3 · shallow CNN, {label}",
-                f"tpSGD {P.fmt(*paper['tpsgd'][:2])} %; BP {P.fmt(*paper['bp'][:2])} %",
-                "; ".join(ours),
-            )
-        )
+        methods = ("tpsgd-ce", "tpsgd-learned", "tpsgd-l2@30", "bp")
+        ours = "; ".join(f"{m} {H.mean_std(store.values(f'{name}/{m}/*'), 1)} %" for m in methods)
+        paper = f"tpSGD {P.fmt(*paper['tpsgd'][:2])} %; BP {P.fmt(*paper['bp'][:2])} %"
+        rows.append((f"Table 3 · shallow CNN, {label}", paper, ours))
     return rows
 
 
@@ -114,12 +85,10 @@ def _rnn(store: H.Store) -> list[Row]:
 def _fig3(store: H.Store) -> list[Row]:
     lo, hi = store.settings["filters"][0], store.settings["filters"][-1]
     acc = lambda m, k: H.mean(store.values(f"{m}/{k}/*"))  # noqa: E731
-    ours = "; ".join(
-        f"{m} {acc(m, lo):.1f} → {acc(m, hi):.1f} %" for m in ("filter-ce", "naive-ce", "filter-l2", "naive-l2", "bp")
-    )
-    return [
-        (f"Figure 3 · accuracy, {lo} → {hi} filters", "filter-based improves steadily, naive shows little gain", ours)
-    ]
+    methods = ("filter-ce", "naive-ce", "filter-l2", "naive-l2", "bp")
+    ours = "; ".join(f"{m} {acc(m, lo):.1f} → {acc(m, hi):.1f} %" for m in methods)
+    paper = "filter-based improves steadily, naive shows little gain"
+    return [(f"Figure 3 · accuracy, {lo} → {hi} filters", paper, ours)]
 
 
 def _fig4(store: H.Store) -> list[Row]:
@@ -128,16 +97,9 @@ def _fig4(store: H.Store) -> list[Row]:
     deep = (s["n_conv"][-1], s["n_hidden"][-1])
     for m, label in (("tpsgd", "ce"), ("tpsgd-learned", "learned")):
         row0 = ", ".join(f"{gap(m, c, 0):+.1f}" for c in s["n_conv"][1:])
-        parts.append(
-            f"BP − tpSGD ({label}) at n_hidden = 0 (n_conv ↑): {row0}; deepest cell {deep}: {gap(m, *deep):+.1f}"
-        )
-    return [
-        (
-            "Figure 4 · tpSGD vs BP gap",
-            "n_hidden = 0: within 3–5 % of Adam; deepest networks: 10–15 % gap",
-            ". ".join(parts),
-        )
-    ]
+        parts += [f"BP − tpSGD ({label}) at n_hidden = 0 (n_conv ↑): {row0}; deepest cell {deep}: {gap(m, *deep):+.1f}"]
+    paper = "n_hidden = 0: within 3–5 % of Adam; deepest networks: 10–15 % gap"
+    return [("Figure 4 · tpSGD vs BP gap", paper, ". ".join(parts))]
 
 
 def _gpu(store: H.Store) -> list[Row]:
@@ -161,7 +123,6 @@ SUMMARIES: dict[str, Callable[[H.Store], list[Row]]] = {
 
 
 def summary(results: Path) -> list[str]:
-    """The "paper claim vs ours" table from the results' JSON files."""
     rows = []
     for name, fn in SUMMARIES.items():
         link, path = f"[{name}](#{name})", results / f"{name}.json"
@@ -174,15 +135,7 @@ def summary(results: Path) -> list[str]:
     return ["## Paper claim vs ours", "", *intro, *H.md_table(["Paper item", "Paper", "Ours", "Section"], rows)]
 
 
-def _section(line: str, prefix: str) -> str:
-    """A results file's line inside REPORT.md: its headings one level down, its local links under ``prefix``."""
-    if line.startswith("#"):
-        return "#" + line
-    return line.replace("](", f"]({prefix}") if "](" in line and "://" not in line else line
-
-
 def build(results: Path, quick: bool = False, prefix: str = "") -> str:
-    """REPORT.md over ``results``: the summary, a table of contents, then every section (links under ``prefix``)."""
     present = [n for n in SECTIONS if (results / f"{n}.md").exists()]
     titles = {n: (results / f"{n}.md").read_text().splitlines()[0].lstrip("# ") for n in present}
     lines = ["# lightning-tpsgd: benchmark report" + " (QUICK RESULTS: smoke tests, not the reproduction)" * quick, ""]
@@ -190,7 +143,11 @@ def build(results: Path, quick: bool = False, prefix: str = "") -> str:
     lines += ["regenerate this page with `python -m benchmarks.report`.", "", *summary(results)]
     lines += [f"- [{titles[n]}](#{n})" for n in present]
     for name in present:
-        body = [_section(line, prefix) for line in (results / f"{name}.md").read_text().splitlines()[1:]]
+        body = (results / f"{name}.md").read_text().splitlines()[1:]  # headings one level down, links under prefix
+        body = [
+            "#" + x if x.startswith("#") else x.replace("](", f"]({prefix}") if "](" in x and "://" not in x else x
+            for x in body
+        ]
         lines += ["", f'<a id="{name}"></a>', "", f"## {titles[name]}", *body]
     missing = ", ".join(f"`{n}`" for n in SECTIONS if n not in present)
     return "\n".join([*lines, *(["", f"Not run yet: {missing}."] if missing else [])]) + "\n"
@@ -199,12 +156,12 @@ def build(results: Path, quick: bool = False, prefix: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", nargs="+", default=[], choices=[*RUNS, "all"], help="run these tables' scripts first")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir")
+    p.add_argument("--seeds", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results[/quick])")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--fresh", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results[/quick])")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     results = args.out or (H.RESULTS / "quick" if args.quick else H.RESULTS)

@@ -1,24 +1,9 @@
 """Paper Tables 5, 7 and 8: recurrent classifiers trained with local targets against random and BPTT baselines.
 
-Usage (repository root)::
-
-    python -m benchmarks.rnn_tables accuracy --data-dir ../shared/data --seeds 3 --threads 1    # every table
-    python -m benchmarks.rnn_tables accuracy --tables 5 --datasets rows --columns l1 --set rnn_fraction=0.5
-    python -m benchmarks.rnn_tables speed --datasets rows pixels eeg --speed-batches 30 --threads 1
-    python -m benchmarks.rnn_tables saturation --datasets pixels --threads 1          # rnn_saturation.{md,json}
-    python -m benchmarks.rnn_tables --report-only --merge OUT/*/rnn_tables.json        # runs made elsewhere
-
-``accuracy``: a ``Trainer.fit`` and test of ``zoo.SequenceClassifier`` per run. Columns: **random** (untrained),
-**random_rnn** (the RNN frozen at its random init, the classifier trained under ``strategy="tpsgd"``, its hidden
-layers by ℓ2), **drtp** / **l1** (the RNN trained by its local rule, then the classifier, layer by layer: §2.2) and
-**bp** (BPTT, the gradient norm clipped at 1). Runs are stored as ``<table>/<dataset>/<column>/<seed>/e<epochs>``;
-``--set KEY=VALUE`` makes a validation probe under its own key (``.../e20/rnn_fraction=0.5``), reported beside the
-run it varies. ``speed``: seconds per epoch of the local step and of BPTT on the same ``rnn1``. ``saturation``: the
-RNN of ``rnn1`` (``--model rnn2``: Table 7's two layers) trained alone by each local rule; after each epoch, the
-share of saturated units, the units' spread and a linear probe's accuracy on its final states.
+Parts: ``accuracy`` (a ``Trainer.fit`` per run, keyed ``<table>/<dataset>/<column>/<seed>/e<epochs>``; ``--set
+KEY=VALUE``: a validation probe under its own key), ``speed`` (epoch time vs BPTT) and ``saturation`` (the RNN trained
+alone by each rule); no part: the report. Each results file lists the commands that made it.
 """
-
-from __future__ import annotations
 
 import itertools
 import json
@@ -29,48 +14,35 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from . import _harness as H
 from . import paper_numbers as P
 
 TABLES = {"5": "rnn1", "7": "rnn2", "8": "birnn1"}
-TABLE_TITLES = {
-    "5": "Table 5: single-layer RNN + linear classifier",
-    "7": "Table 7: two-layer stacked RNN + two-layer perceptron",
-    "8": "Table 8: single-layer bidirectional RNN + linear classifier",
-}
+TABLE_TITLES = {"5": "single-layer RNN + linear classifier", "7": "two-layer stacked RNN + two-layer perceptron"}
+TABLE_TITLES |= {"8": "single-layer bidirectional RNN + linear classifier"}
 COLUMNS, DATASETS, HIDDEN, BATCH = P.RNN_COLUMNS, ("rows", "pixels", "eeg", "twitter"), 512, 128
 TITLES = {"random": "Random", "random_rnn": "Random RNN + classifier", "drtp": "RNN (DRTP) + classifier"}
 TITLES |= {"l1": "RNN (tpSGD-ℓ1) + classifier", "bp": "BP", "rows": "Seq. MNIST (rows)", "eeg": "EEG Seizure"}
 TITLES |= {"pixels": "Seq. MNIST (pixels)", "twitter": "Twitter (one-hot)"}
 TARGETS = {"rows": 88.0, "pixels": 72.0, "eeg": 92.0, "twitter": 68.0}  # the issue's, for the single-layer RNN
 
-# A dataset's settings, chosen on the validation holdout. rnn_fraction: the share of the epochs that train the RNN in
-# the layer-wise schedule (§2.2; the head gets the rest, split between the layers of Table 7's perceptron).
-# bp_grad_clip: BP's gradient-norm clipping (plain BPTT collapsed on 5 of 18 runs).
+# A dataset's settings, chosen on the validation holdout (the probes table); rnn_fraction: the RNN's share of epochs.
 _DEFAULTS = {"lr": 2e-3, "nonlinearity": "tanh", "init_scale": None, "target_scale": 1.0, "bp_grad_clip": 1.0}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "rows": {**_DEFAULTS, "rnn_fraction": 0.15},  # 3 of 20 epochs (validation, seed 0: 0.25 85.6 %, 0.15 86.7 %)
+    "rows": {**_DEFAULTS, "rnn_fraction": 0.15},
     "pixels": {**_DEFAULTS, "rnn_fraction": 0.25},
-    # EEG: seizures show in the signal's amplitude, not its sign, so the units must sit on the curved part of
-    # tanh: strong input weights and spread-out biases, weak recurrence
+    # EEG: seizures show in the amplitude, so the units sit on tanh's curve: strong inputs, spread biases
     "eeg": {**_DEFAULTS, "lr": 1e-3, "init_scale": 0.1, "input_init_scale": 1.0, "bias_init_scale": 1.0}
     | {"target_scale": 0.5, "rnn_fraction": 0.25},
     "twitter": {**_DEFAULTS, "rnn_fraction": 0.25},
 }
-# A column's own settings over its dataset's, chosen alike (the probes table shows each beside the run it replaced):
-# {column: {dataset or "<table>/<dataset>": {key: value}}}.
+# A column's own settings, chosen alike: {column: {dataset or "<table>/<dataset>": {key: value}}}.
 COLUMN_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    # BPTT at the local rules' lr collapsed on pixels and stacked rows; lr 2e-4 (seed 0, validation): rows 86.0 ->
-    # 97.2 %, pixels 9.4 -> 92.9 %, EEG (3 seeds) 92.8 -> 96.4 %, Twitter 67.8 -> 73.6 %
-    "bp": {dataset: {"lr": 2e-4} for dataset in DATASETS},
-    # DRTP's pseudo-gradient never changes sign, so its tanh units saturate (the saturation part). Pixels: the
-    # paper's sigmoid cell (validation 59.5 % against 9.6 %) and 10 of 20 epochs for the RNN, whose sigmoid units
-    # leave their saturated start slowly (Table 5 59.5 -> 68.1 %, Table 7 49.6 -> 64.7 %); EEG (3 seeds) and Twitter:
-    # one RNN epoch at a small rnn_lr, 89.9 % (83.6 %) and 66.5 % (56.9 %); Table 7 on Twitter standardises DRTP's
-    # features, which vary little around a large offset, for its locally trained hidden layer (64.1 -> 66.7 %).
-    "drtp": {
+    "bp": {dataset: {"lr": 2e-4} for dataset in DATASETS},  # BPTT at the local rules' lr collapsed
+    "drtp": {  # DRTP's pseudo-gradient never changes sign: its tanh units saturate
         "pixels": {"nonlinearity": "sigmoid", "rnn_fraction": 0.5},
         "eeg": {"rnn_lr": 5e-4, "rnn_fraction": 0.05},
         "twitter": {"rnn_lr": 3e-5, "rnn_fraction": 0.05},
@@ -99,20 +71,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def settings_for(table: str, dataset: str, column: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A column's settings: its dataset's, its own (the dataset's, then the table's), then a probe's ``--set``."""
     own = COLUMN_SETTINGS.get(column, {})
     return {**SETTINGS[dataset], **own.get(dataset, {}), **own.get(f"{table}/{dataset}", {}), **(overrides or {})}
 
 
 def control_overrides(table: str, dataset: str, column: str) -> dict[str, Any]:
-    """The ``--set`` settings of the random-RNN control of ``column``: the column's own architecture settings."""
     own = COLUMN_SETTINGS.get(column, {})
     own = {**own.get(dataset, {}), **own.get(f"{table}/{dataset}", {})}
     return {k: v for k, v in own.items() if k in ARCHITECTURE_KEYS}
 
 
 def layerwise_epochs(settings: dict[str, Any], model: str, epochs: int) -> list[int]:
-    """Epochs of each layer-wise stage: the recurrent layer, then each layer of the head."""
     heads = 2 if model == "rnn2" else 1
     rnn = min(max(1, round(settings["rnn_fraction"] * epochs)), epochs - heads)
     stages = [rnn, *[(epochs - rnn) // heads] * heads]
@@ -123,12 +92,10 @@ def layerwise_epochs(settings: dict[str, Any], model: str, epochs: int) -> list[
 
 
 def model_kwargs(settings: dict[str, Any], input_size: int, **extra: Any) -> dict[str, Any]:
-    """``create_model`` options of the recurrent zoo models with a run's settings."""
     return {"input_size": input_size, "hidden_size": HIDDEN, **{k: settings.get(k) for k in ARCHITECTURE_KEYS}, **extra}
 
 
 def make_datamodule(dataset: str, data_dir: str, seed: int, quick: bool, **overrides: Any) -> Any:
-    """The dataset's DataModule (``quick``: a few batches of each split)."""
     from lightning_tpsgd.data import EEGSeizureDataModule, Sentiment140DataModule, SeqMNISTDataModule
 
     kwargs: dict[str, Any] = dict(data_dir=data_dir, batch_size=BATCH, seed=seed)
@@ -139,27 +106,22 @@ def make_datamodule(dataset: str, data_dir: str, seed: int, quick: bool, **overr
     return (EEGSeizureDataModule if dataset == "eeg" else Sentiment140DataModule)(**kwargs | overrides)
 
 
-def _epoch_log() -> Any:
-    import lightning as L
+class EpochLog(L.Callback):
+    """Wall and CPU time of each training epoch, and the validation accuracy after it."""
 
-    class EpochLog(L.Callback):
-        """Wall and CPU time of each training epoch, and the validation accuracy after it."""
+    def __init__(self) -> None:
+        self.times, self.cpu, self.val_acc, self.start = [], [], [], (0.0, 0.0)
 
-        def __init__(self) -> None:
-            self.times, self.cpu, self.val_acc, self.start = [], [], [], (0.0, 0.0)
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self.start = (time.perf_counter(), time.process_time())
 
-        def on_train_epoch_start(self, *args: Any) -> None:
-            self.start = (time.perf_counter(), time.process_time())
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self.start[0])
+        self.cpu.append(time.process_time() - self.start[1])
 
-        def on_train_epoch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self.start[0])
-            self.cpu.append(time.process_time() - self.start[1])
-
-        def on_validation_epoch_end(self, trainer: Any, *args: Any) -> None:
-            if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
-                self.val_acc.append(100 * float(trainer.callback_metrics["val_acc"]))
-
-    return EpochLog()
+    def on_validation_epoch_end(self, trainer: Any, *args: Any) -> None:
+        if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
+            self.val_acc.append(100 * float(trainer.callback_metrics["val_acc"]))
 
 
 def _options(**options: Any) -> str:
@@ -177,8 +139,6 @@ def method(column: str, model: str, settings: dict[str, Any], epochs: int) -> st
 
 def run_one(table: str, dataset: str, column: str, seed: int, args: Any) -> dict[str, Any]:
     """Train (unless ``column == "random"``) and test one network: accuracy, times, validation curve, device."""
-    import lightning as L
-
     from zoo import SequenceClassifier
 
     L.seed_everything(seed, verbose=False)
@@ -188,7 +148,7 @@ def run_one(table: str, dataset: str, column: str, seed: int, args: Any) -> dict
     layer_lr = {"net.0": s["rnn_lr"]} if s.get("rnn_lr") is not None else None
     options = dict(lr=s["lr"], scheduler=s.get("scheduler"), layer_lr=layer_lr)
     module = SequenceClassifier(model=TABLES[table], num_classes=dm.num_classes, model_kwargs=kwargs, **options)
-    log, m = _epoch_log(), method(column, TABLES[table], s, args.epochs)
+    log, m = EpochLog(), method(column, TABLES[table], s, args.epochs)
     trainer = dict(accelerator=args.accelerator, devices=1, callbacks=[log])
     clip = s.get("bp_grad_clip") if column == "bp" else None
     out = H.fit(module, dm, m, 0 if column == "random" else args.epochs, gradient_clip_val=clip, **trainer)
@@ -202,7 +162,6 @@ def key(table: str, dataset: str, column: str, seed: int, epochs: int, quick: bo
 
 
 def merge(store: H.Store, paths: list[str]) -> None:
-    """Add the runs and commands of other result files (e.g. of parallel runs); the runs stored already win."""
     for path in paths:
         other = H.Store.open(Path(path))
         added = {k: r for k, r in other.runs.items() if k not in store.runs and r not in store.runs.values()}
@@ -223,15 +182,8 @@ SPEEDUPS = {"": "local", "_bf16": "local-bf16", "_amp": "local-amp", "_rnn_stage
 
 
 def speed(store: H.Store, args: Any) -> None:
-    """Seconds per training epoch of the local step (the RNN by ℓ1, the classifier every batch) and of BPTT.
-
-    The same ``rnn1`` in this process, the methods interleaved over rounds; wall-clock and process CPU time (robust
-    to other processes with ``--threads 1``); speed-ups are medians of the per-round ratios BPTT / local.
-    ``local-bf16``: ``grad_dtype="bfloat16"``; ``-amp``: ``precision="bf16-mixed"`` (against BPTT alike);
-    ``local-layerwise``: an epoch of the RNN stage, then one of the head stage, weighted by the tables' schedule.
-    """
-    import lightning as L
-
+    """Seconds per training epoch (wall and CPU) of the local step and of BPTT on the same ``rnn1``, interleaved over
+    rounds; speed-ups are medians of the per-round ratios. ``-bf16``: ``grad_dtype``; ``-amp``: ``bf16-mixed``."""
     from zoo import SequenceClassifier
 
     for dataset in args.datasets:
@@ -242,7 +194,7 @@ def speed(store: H.Store, args: Any) -> None:
             kwargs = model_kwargs(s, dm.input_size, grad_dtype=dtype)
             module = SequenceClassifier(model="rnn1", num_classes=dm.num_classes, model_kwargs=kwargs)
             options = None if options is None else {"overrides": {"net.0": {"rule": "l1"}}, **options}
-            strategy, log = H.strategy_for("tpsgd-l2" + _options(**options)) if options else "auto", _epoch_log()
+            strategy, log = H.strategy_for("tpsgd-l2" + _options(**options)) if options else "auto", EpochLog()
             limits = dict(limit_train_batches=args.speed_batches, limit_val_batches=0)
             kwargs = dict(strategy=strategy, precision=precision, callbacks=[log], **limits)
             kwargs |= dict(accelerator=args.accelerator, devices=1, max_epochs=1 + (name == "local-layerwise"))
@@ -271,7 +223,6 @@ def speed(store: H.Store, args: Any) -> None:
         store.save()
 
 
-# ---------------------------------------------------------------------------------------------------- saturation
 #: (label, rule, optimizer, lr, parameters kept frozen): rule None is the untrained RNN; lr None the dataset's lr.
 SATURATION = (
     ("random RNN (untrained)", None, "adam", None, ()),
@@ -311,7 +262,6 @@ def features(model: torch.nn.Module, dm: Any, samples: int) -> list[dict[str, fl
 
 
 def saturation_run(dataset: str, config: tuple, settings: dict, model_name: str, args: Any) -> list[dict]:
-    """The measurements before training (rule None) or after each of ``args.epochs`` epochs of the RNN stage."""
     from lightning_tpsgd import LocalLearner
     from zoo import create_model
 
@@ -368,9 +318,7 @@ def saturation_report(store: H.Store) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------------------------------- report
 def runs(store: H.Store, table: str, dataset: str, column: str, epochs: int, quick: bool, probe: str = "") -> list:
-    """The runs of a table cell (``probe``: those with these changed settings instead)."""
     want, prefix = f"e{epochs}" + "/quick" * quick + (f"/{probe}" if probe else ""), f"{table}/{dataset}/{column}/"
     return [r for k, r in sorted(store.runs.items()) if k.startswith(prefix) and k.split("/", 4)[4] == want]
 
@@ -392,11 +340,9 @@ def report(store: H.Store, args: Any) -> list[str]:
         for d in args.datasets:
             cells = [[r["acc"] for r in runs(store, table, d, c, args.epochs, args.quick)] for c in COLUMNS]
             sizes |= {(table, d, c): len(cell) for c, cell in zip(COLUMNS, cells, strict=True)}
-            with_paper = (
-                f"{H.mean_std(c, n=True)}<br>paper {p:.2f}" for c, p in zip(cells, P.RNN[table, d], strict=True)
-            )
-            rows.append([TITLES[d], *with_paper])
-        lines += [f"## {TABLE_TITLES[table]} (`{TABLES[table]}`)", ""]
+            paper = zip(cells, P.RNN[table, d], strict=True)
+            rows.append([TITLES[d], *(f"{H.mean_std(c, n=True)}<br>paper {p:.2f}" for c, p in paper)])
+        lines += [f"## Table {table}: {TABLE_TITLES[table]} (`{TABLES[table]}`)", ""]
         lines += H.md_table(["dataset", *map(TITLES.get, COLUMNS)], rows)
     most = statistics.mode(v for v in sizes.values() if v) if any(sizes.values()) else 0
     fewer = [f"Table {t} {TITLES[d]} {TITLES[c]} (n={n})" for (t, d, c), n in sizes.items() if 0 < n < most]
@@ -413,7 +359,6 @@ def report(store: H.Store, args: Any) -> list[str]:
 
 
 def _where(r: dict | None) -> list[str]:
-    """A run's accuracies on the validation holdout (last epoch) and the test split (and its device)."""
     if not r:
         return ["–", "–"]
     device = r.get("device", "cpu").split(",")[0].replace("NVIDIA ", "")
@@ -514,11 +459,8 @@ def main(argv: list[str] | None = None) -> H.Store:
     args = p.parse_args(argv)
     if bad := set(args.parts) - {"accuracy", "speed", "saturation"}:
         p.error(f"unknown parts {sorted(bad)}: choose from accuracy, speed, saturation")
-    out, args.overrides, args.epochs = (
-        H.setup(args),
-        parse_overrides(args.set),
-        args.epochs or (3 if args.quick else 20),
-    )
+    out, args.overrides = H.setup(args), parse_overrides(args.set)
+    args.epochs = args.epochs or (3 if args.quick else 20)
     args.speed_batches = args.speed_batches or (5 if args.quick else None)
     args.speed_rounds = args.speed_rounds or (1 if args.quick else 3)
     store, sat = H.Store.open(out / "rnn_tables.json", fresh=args.fresh), H.Store.open(out / "rnn_saturation.json")

@@ -1,32 +1,10 @@
-"""One training step, BP against ``LocalLearner``: throughput, memory and dispatched ops, on the CPU or a GPU.
-
-Usage (repository root)::
-
-    python -m benchmarks.steps speed memory ops --threads 1                          # CPU: steps.{md,json}
-    python -m benchmarks.steps speed fit --device cuda --steps 20 --name gpu_check   # the device check on a GPU
-    python -m benchmarks.steps speed --models convnet4 --methods tpsgd-ce tpsgd-ce-lean --steps 12   # lean vs default
-
-Parts (each method on a fresh copy of the same model, batch and precision; ``--methods`` in the harness's grammar:
-``bp``, ``bp-graph``, ``tpsgd[-<rule>][-lean][-compile][-graph][,<option>=<JSON>]``):
-
-- ``speed``: the median time of ``--steps`` steps after 5 warm-up steps, and the peak memory above the memory held
-  before the first step (warm-up, compilation and CUDA-graph capture included) and of the timed steps alone (a replayed
-  graph allocates nothing): ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU. ``-graph``
-  methods capture the whole step as a CUDA graph (``bp-graph``: the backprop step, the fair reference).
-- ``memory``: each method in a fresh process: its extra peak RSS (and CUDA peak) over two steps after a warm-up, and
-  the bytes autograd holds for backward in one step.
-- ``ops``: the aten ops one steady step dispatches (each a kernel launch on a GPU) and the host reads among them
-  (``aten::_local_scalar_dense``, ``aten::item``), with ``torch.profiler`` on the CPU; SGD for every method.
-- ``fit``: the median step of ``Trainer.fit`` of ``zoo.ImageClassifier`` (the first model) under each method's
-  strategy, Lightning's loop and logging included.
-
-All memory is in MiB (2**20 bytes); ratios are against ``bp`` on the same model, batch and precision.
-"""
-
-from __future__ import annotations
+"""One training step, BP against ``LocalLearner``: ``speed`` (median step, peak memory), ``memory`` (each method in a
+fresh process), ``ops`` (aten ops and host reads of one step) and ``fit`` (the median ``Trainer.fit`` step), on the CPU
+or a GPU; ratios against ``bp`` on the same model, batch and precision."""
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import time
@@ -44,7 +22,6 @@ Step = Callable[[Tensor, Tensor], Any]
 
 
 def models(quick: bool = False) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any]]]:
-    """name -> (factory, input shape, LocalLearner options); ``-32``, ``-128``: a smaller input / hidden size."""
     from zoo import TimmAdaptor, create_model
 
     def zoo(name: str, shape: tuple[int, ...], **kwargs: Any) -> tuple[Callable[[], nn.Module], tuple[int, ...], dict]:
@@ -82,7 +59,6 @@ def _graphed(step: Step, zero_grad: Callable[[], None], x: Tensor, y: Tensor) ->
 
 
 def make_step(model: nn.Module, method: str, options: dict[str, Any], x: Tensor, y: Tensor, sgd: bool = False) -> Step:
-    """The method's training step on ``model`` (Adam, capturable under ``-graph``; ``sgd``: SGD lr 0.01)."""
     m = H.parse_method(method)
     graph = bool(m.options.get("cuda_graph"))
     optimizer = (lambda p: torch.optim.SGD(p, lr=0.01)) if sgd else H.adam(capturable=graph)
@@ -190,20 +166,13 @@ def fit(name: str, method: str, precision: str, batch: int, device: str, quick: 
     model = ImageClassifier("convnet4", num_classes=10, model_kwargs=kwargs)
     data = TensorDataset(torch.randn(n, 3, size, size), torch.randint(0, 10, (n,)))
     data = DataLoader(data, batch_size=batch, pin_memory=device == "cuda")
-    precision = "bf16-mixed" if precision == "bf16" else "32-true"
-    accelerator = "gpu" if device == "cuda" else "cpu"
+    kwargs = dict(precision="bf16-mixed" if precision == "bf16" else "32-true", max_epochs=1, callbacks=[Timer()])
     H.quiet_trainer(
-        accelerator=accelerator,
-        devices=1,
-        strategy=H.strategy_for(method),
-        precision=precision,
-        max_epochs=1,
-        callbacks=[Timer()],
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, strategy=H.strategy_for(method), **kwargs
     ).fit(model, data)
     return {"samples_per_s": batch / statistics.median(times), "step_ms": 1e3 * statistics.median(times)}
 
 
-# ---------------------------------------------------------------------------------------------------- report
 TABLES = {  # part -> field -> (header, format, header of its ratio to bp or None)
     "speed": {"samples_per_s": ("samples/s", "{:.0f}", "speed vs bp"), "step_ms": ("step ms", "{:.2f}", None)}
     | {"peak_mib": ("peak MiB", "{:.0f}", "vs bp"), "step_peak_mib": ("step peak MiB", "{:.0f}", "vs bp")},
@@ -216,15 +185,7 @@ TABLES = {  # part -> field -> (header, format, header of its ratio to bp or Non
 }
 
 
-def _ratio(field: str, value: float, bp: float | None, method: str) -> str:
-    """``value / bp`` (memory: bp at least 1 MiB; the step of a replayed graph allocates nothing)."""
-    if not bp or bp < (1.0 if field.endswith("_mib") else 0.0) or (field == "step_peak_mib" and "graph" in method):
-        return "–"
-    return f"{value / bp:.2f}"
-
-
 def report(store: H.Store) -> list[str]:
-    """Per device (and for ``Trainer.fit``), one table per part: its fields and their ratios to bp."""
     lines = []
     for group in sorted({"/".join(k.split("/")[: 2 if k.startswith("fit/") else 1]) for k in store.runs}):
         keys = [k for k in store.runs if k.startswith(group + "/") and k.startswith("fit/") == group.startswith("fit/")]
@@ -240,9 +201,11 @@ def report(store: H.Store) -> list[str]:
                 *_, model, precision, batch, method = key.split("/")
                 r, bp = store.runs[key], store.runs.get(key.rsplit("/", 1)[0] + "/bp", {})
                 cells = [model, precision, batch[1:], f"`{method}`"]
-                for f in shown:
+                for f in shown:  # ratios: bp at least 1 MiB of memory; the step of a replayed graph allocates nothing
+                    no_ratio = f not in r or not bp.get(f) or bp[f] < (1.0 if f.endswith("_mib") else 0.0)
+                    no_ratio = no_ratio or (f == "step_peak_mib" and "graph" in method)
                     cells += ["–"] if f not in r else [fields[f][1].format(r[f])]
-                    cells += [_ratio(f, r[f], bp.get(f), method) if f in r else "–"] if fields[f][2] else []
+                    cells += ["–" if no_ratio else f"{r[f] / bp[f]:.2f}"] if fields[f][2] else []
                 rows.append([*cells[:4], f"failed: {r['error']}"] if "error" in r else cells)
             where = f"`Trainer.fit` on {group[4:]}" if group.startswith("fit/") else f"{part} on {group}"
             lines += [f"## {where}", "", *H.md_table(header, rows)]
@@ -276,23 +239,20 @@ def main(argv: list[str] | None = None) -> H.Store:
         store.add_command("steps", argv)
         methods = [m for m in args.methods if args.device == "cuda" or "graph" not in m]  # graphs need CUDA
         device = "cuda" if args.device.startswith("cuda") else "cpu"
+        methods = methods if "bp" in methods else ["bp", *methods]
         for part in args.parts:
-            for name in ["convnet4"] if part == "fit" else args.models:
-                for batch in args.batches:
-                    for precision in args.precisions:
-                        for method in methods if "bp" in methods else ["bp", *methods]:
-                            key = f"{'fit/' if part == 'fit' else ''}{device}/{name}/{precision}/b{batch}/{method}"
-                            measured = _measure(part, key, name, method, precision, batch, args, steps)
-                            store.runs.setdefault(key, {}).update(measured)
-                            print(f"[{part}] {key}: {store.runs[key]}", flush=True)
-                            store.save()
+            names = ["convnet4"] if part == "fit" else args.models
+            for name, batch, precision, method in itertools.product(names, args.batches, args.precisions, methods):
+                key = f"{'fit/' if part == 'fit' else ''}{device}/{name}/{precision}/b{batch}/{method}"
+                store.runs.setdefault(key, {}).update(_measure(part, key, name, method, precision, batch, args, steps))
+                print(f"[{part}] {key}: {store.runs[key]}", flush=True)
+                store.save()
     if not args.no_report:
         store.write_report(store.settings["title"], report(store), args.quick)
     return store
 
 
 def _measure(part: str, key: str, name: str, method: str, precision: str, batch: int, args: Any, steps: int) -> dict:
-    """One part's fields for one key; a method that fails is recorded with its error and the others still run."""
     try:
         if part == "memory":
             argv = ["--child", key.split("/", 1)[1], "--device", args.device, *(["--quick"] * args.quick)]

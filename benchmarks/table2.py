@@ -1,24 +1,5 @@
-"""Table 2 (paper §3.1): tpSGD vs the gradient-free ZORB and LM-KARnet (and BP), 2-layer MLP on MNIST.
-
-Usage (repository root)::
-
-    OMP_NUM_THREADS=1 python -m benchmarks.table2 --data-dir ../shared/data --seeds 3 --threads 1   # the table
-    OMP_NUM_THREADS=1 python -m benchmarks.table2 --data-dir ../shared/data --seeds 2 --tune --threads 1
-    python -m benchmarks.table2 --data-dir synthetic --quick --seeds 1                              # a smoke test
-
-Every method trains ``zoo`` ``mlp2`` (784 → 256 → leaky ReLU(0.3) → 10; 0.3 is the ``keras.layers.LeakyReLU``
-default of the paper's code) from the same initialisation per seed, on the same normalised MNIST tensors, in one
-process (the order of the methods rotates with the seed), tested by the same ``model(x_test)``: tpSGD-ce and
-tpSGD-ℓ2 (``LocalLearner``, Adam, ``RECIPE``: a fraction of an epoch is a number of steps), tpSGD-ce for one epoch,
-BP with the same recipe, and ZORB / LM-KARnet (``benchmarks/baselines.py``) on the whole training set at once.
-
-Training time is wall-clock from the untrained to the trained model (data loading excluded); peak memory is the
-process's peak RSS above its RSS at the start of training (freed memory handed back first, large blocks served by
-``mmap``). ``RECIPE``, ``L2_TARGET_SCALE`` and the ridges were chosen with ``--tune``: a grid trained on the training
-set minus a seeded 5000-image holdout and scored on that holdout (never the test split), ``table2_tune.{md,json}``.
-"""
-
-from __future__ import annotations
+"""Table 2 (paper §3.1): tpSGD vs the gradient-free ZORB and LM-KARnet (and BP), 2-layer MLP on MNIST, all methods
+from the same initialisation per seed in one process; ``--tune`` scores a grid on a training holdout."""
 
 import itertools
 import time
@@ -35,27 +16,30 @@ from .baselines import lm_karnet, zorb
 
 HIDDEN, SLOPE, HOLDOUT = 256, 0.3, 5000
 QUICK = {"train": 5000, "test": 2000, "holdout": 1000}
-# Chosen with --tune (table2_tune.md, 2 seeds): the tpSGD-ce recipe with the smallest budget (fewest epochs, then
-# fewest steps) whose holdout accuracy reaches the best baseline's (LM-KARnet, 89.90 %): 0.2 epoch, 90.95 %. ℓ2: target
-# scale 1 beat 30 at every lr. The baselines' most accurate settings: ZORB one iteration, the fast ZORB solver ridge
-# 1e-5, LM-KARnet ridge 1e-3.
+# Chosen with --tune (table2_tune.md): the smallest tpSGD-ce budget at the best baseline's holdout accuracy.
 RECIPE: dict[str, Any] = {"epochs": 0.2, "batch_size": 128, "lr": 2e-3}
 L2_TARGET_SCALE, ZORB_RIDGE, KARNET_RIDGE = 1.0, 1e-5, 1e-3
-LABELS = {
-    "tpsgd-ce": "tpSGD-ce (library rule)",
-    "tpsgd-l2": "tpSGD-ℓ2 (paper's rule)",
+LABELS = {"tpsgd-ce": "tpSGD-ce (library rule)", "tpsgd-l2": "tpSGD-ℓ2 (paper's rule)"}
+LABELS |= {
     "tpsgd-ce-1ep": "tpSGD-ce, 1 epoch",
     "bp": "BP (same recipe as tpSGD-ce)",
     "zorb": "ZORB (pinv, as published)",
-    "zorb-fast": "ZORB (fast solver)",
-    "lm_karnet": "LM-KARnet",
 }
+LABELS |= {"zorb-fast": "ZORB (fast solver)", "lm_karnet": "LM-KARnet"}
 METHODS = tuple(LABELS)
+CONFIGS: dict[str, dict[str, Any]] = {  # every method of the table
+    "tpsgd-ce": {"method": "tpsgd-ce", **RECIPE},
+    "tpsgd-l2": {"method": f"tpsgd-l2@{L2_TARGET_SCALE:g}", **RECIPE},
+    "tpsgd-ce-1ep": {"method": "tpsgd-ce", **RECIPE, "epochs": 1.0},
+    "bp": {"method": "bp", **RECIPE},
+    "zorb": {"method": "zorb", "solver": "pinv", "iterations": 1},
+    "zorb-fast": {"method": "zorb", "solver": "recursive", "iterations": 1, "ridge": ZORB_RIDGE},
+    "lm_karnet": {"method": "lm_karnet", "solver": "recursive", "ridge": KARNET_RIDGE},
+}
 BASELINES = ("zorb", "lm_karnet")  # the target compares tpSGD-ce with these
 
 
 def load_mnist(data_dir: str | Path) -> tuple[torch.Tensor, ...]:
-    """Flattened, normalised float32 MNIST ``(x_train (N, 784), y_train (N,), x_test, y_test)`` from ``mnist.npz``."""
     path = Path(data_dir)
     path = path if path.is_file() else path / "mnist.npz"
     if not path.is_file():
@@ -67,7 +51,6 @@ def load_mnist(data_dir: str | Path) -> tuple[torch.Tensor, ...]:
 
 
 def make_splits(data: tuple[torch.Tensor, ...], quick: bool, tune: bool) -> dict[str, torch.Tensor]:
-    """Training and evaluation tensors: the test split, or (``tune``) a seeded holdout of the training set."""
     x, y, x_test, y_test = data
     g = torch.Generator().manual_seed(1234)
     if quick:
@@ -107,22 +90,7 @@ def fit_sgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
     return steps
 
 
-def method_configs() -> dict[str, dict[str, Any]]:
-    """The configuration of every method of the table."""
-    sgd = lambda m, **kw: {"method": m, **RECIPE, **kw}  # noqa: E731
-    return {
-        "tpsgd-ce": sgd("tpsgd-ce"),
-        "tpsgd-l2": sgd(f"tpsgd-l2@{L2_TARGET_SCALE:g}"),
-        "tpsgd-ce-1ep": sgd("tpsgd-ce", epochs=1.0),
-        "bp": sgd("bp"),
-        "zorb": {"method": "zorb", "solver": "pinv", "iterations": 1},
-        "zorb-fast": {"method": "zorb", "solver": "recursive", "iterations": 1, "ridge": ZORB_RIDGE},
-        "lm_karnet": {"method": "lm_karnet", "solver": "recursive", "ridge": KARNET_RIDGE},
-    }
-
-
 def run_one(cfg: dict[str, Any], split: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
-    """Train a fresh model with ``cfg``: accuracy (%), training time (s), peak RSS above the start (MiB), steps."""
     model, x, y = new_model(seed, split["x"].shape[1]), split["x"], split["y"]
     meter = H.MemoryMeter()
     base, start, steps = meter.reset(), time.perf_counter(), None
@@ -140,7 +108,6 @@ def run_one(cfg: dict[str, Any], split: dict[str, torch.Tensor], seed: int) -> d
 
 
 def summarise(store: H.Store, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Per method: mean and std of accuracy and time, mean peak memory, time relative to tpSGD-ce."""
     out = {}
     for m in (m for m in methods if store.select(f"{m}/*")):
         acc, t, peak = (store.values(f"{m}/*", name) for name in ("acc", "fit_s", "peak_mib"))
@@ -165,16 +132,12 @@ def report(store: H.Store) -> list[str]:
     s, summary, rows = store.settings, summarise(store, METHODS), []
     for m, x in summary.items():
         paper = [P.fmt(*P.TABLE2[m][:2]), P.fmt(*P.TABLE2[m][2:])] if m in P.TABLE2 else ["–", "–"]
-        cells = [
-            f"{x['acc']:.2f} ± {x['acc_std']:.2f}",
-            f"{x['time']:.2f} ± {x['time_std']:.2f}",
-            f"{x['peak_mib']:.0f}",
-        ]
+        cells = [f"{x['acc']:.2f} ± {x['acc_std']:.2f}", f"{x['time']:.2f} ± {x['time_std']:.2f}"]
+        cells += [f"{x['peak_mib']:.0f}"]
         rows.append([LABELS[m], *cells, f"{x['time_ratio']:.2f}×", *paper])
     header = ["Method", "Accuracy (%)", "Training time (s)", "Peak RSS above start (MiB)", "Time / tpSGD-ce"]
     split, methods, steps = s["split"], s["methods"], store.values("tpsgd-ce/*", "steps")
-    rec = methods["tpsgd-ce"]
-    n = len(store.values("tpsgd-ce/*"))
+    rec, n = methods["tpsgd-ce"], len(store.values("tpsgd-ce/*"))
     lines = f"""Torch threads: {s["threads"]}, float32, all methods in one process, interleaved. Model `mlp2`
 (784 → {HIDDEN} → leaky ReLU({SLOPE}) → 10); {split["train"]} training images, accuracy on {split["eval"]}
 {split["eval_name"]} images;
@@ -207,24 +170,19 @@ def plot(store: H.Store) -> None:
     H.bar_chart(store.path.with_suffix(".png"), f"Table 2: mlp2 on MNIST ({len(summary)} methods)", panels)
 
 
-# ---------------------------------------------------------------------------------------------------- tuning
 EPOCHS, BATCHES, LRS = (0.1, 0.2, 0.3, 0.5, 1.0), (64, 128, 256), (1e-3, 2e-3, 5e-3)
 
 
 def tune_grid(quick: bool) -> dict[str, dict[str, Any]]:
-    """Named configurations evaluated by ``--tune`` (all on the holdout)."""
     sgd = lambda m, e, b, lr: {"method": m, "epochs": e, "batch_size": b, "lr": lr}  # noqa: E731
-    grid = {
-        f"tpsgd-ce/e{e}/b{b}/lr{lr}": sgd("tpsgd-ce", e, b, lr) for e, b, lr in itertools.product(EPOCHS, BATCHES, LRS)
-    }
+    ce = itertools.product(EPOCHS, BATCHES, LRS)
+    grid = {f"tpsgd-ce/e{e}/b{b}/lr{lr}": sgd("tpsgd-ce", e, b, lr) for e, b, lr in ce}
     for e, lr, ts in itertools.product((0.2, 1.0), (1e-3, 2e-3, 5e-3), (1.0, 30.0)):
         grid[f"tpsgd-l2/e{e}/b128/lr{lr}/ts{ts}"] = sgd(f"tpsgd-l2@{ts:g}", e, 128, lr)
     for ridge in (1e-5, 1e-4, 1e-3, 1e-2):
         grid[f"lm_karnet/recursive/r{ridge}"] = {"method": "lm_karnet", "solver": "recursive", "ridge": ridge}
-        for it in (1, 2):
-            grid[f"zorb-fast/recursive/r{ridge}/it{it}"] = {"method": "zorb", "solver": "recursive", "ridge": ridge} | {
-                "iterations": it
-            }
+        fast = {"method": "zorb", "solver": "recursive", "ridge": ridge}
+        grid |= {f"zorb-fast/recursive/r{ridge}/it{it}": fast | {"iterations": it} for it in (1, 2)}
     grid |= {"lm_karnet/pinv": {"method": "lm_karnet", "solver": "pinv"}}
     grid |= {f"zorb/pinv/it{it}": {"method": "zorb", "solver": "pinv", "iterations": it} for it in (1, 2)}
     keep = [k for k in grid if ("/e1.0/" in k and "/b128/" in k) or "r0.001" in k] + ["zorb/pinv/it1", "lm_karnet/pinv"]
@@ -265,22 +223,16 @@ def main(argv: list[str] | None = None) -> H.Store:
     H.mmap_large_blocks()
     if not args.report_only:
         split = make_splits(load_mnist(args.data_dir), args.quick, args.tune)
-        configs = tune_grid(args.quick) if args.tune else method_configs()
+        configs = tune_grid(args.quick) if args.tune else CONFIGS
         evals = {"holdout": len(split["y_eval"])} if args.tune else {"eval": len(split["y_eval"]), "eval_name": "test"}
-        settings = {
-            "quick": args.quick,
-            "threads": torch.get_num_threads(),
-            "split": {"train": len(split["y"]), **evals},
-        }
+        split_sizes = {"train": len(split["y"]), **evals}
+        settings = {"quick": args.quick, "threads": torch.get_num_threads(), "split": split_sizes}
         settings["grid" if args.tune else "methods"] = configs
         store = H.Store.open(path, settings, args.fresh)
         store.add_command("table2", argv)
         names = list(configs) if args.tune else [m for m in configs if m in args.methods]
         rotated = lambda seed: names if args.tune else names[seed % len(names) :] + names[: seed % len(names)]  # noqa: E731
-        jobs = (
-            (f"{m}/{seed}", partial(run_one, configs[m], split, seed)) for seed in H.seeds(args) for m in rotated(seed)
-        )
-        store.run(jobs)
+        store.run((f"{m}/{s}", partial(run_one, configs[m], split, s)) for s in H.seeds(args) for m in rotated(s))
         store.save()
     store = store or H.Store.open(path)
     if not args.no_report and args.tune:

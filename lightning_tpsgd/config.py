@@ -135,7 +135,7 @@ class TPSGDConfig:
         "fuse each block's local loss and gradient with ``torch.compile``: for the closed-form rules (``ce``, ``l1``, "
         '``l2``, ``drtp``) rule, scale and activation derivative; for ``learned`` (what ``"auto"`` picks for '
         "Linear/Conv blocks) the readout loss and its backward. On the CPU proxy "
-        "(``benchmarks/results/step_ops.md``) a step dispatches 1.04-1.08× backprop's aten ops with "
+        "(``benchmarks/results/steps.md``) a step dispatches 1.04-1.08× backprop's aten ops with "
         '``rule="ce"`` (about 3× without) and 1.20-1.29× with the default (1.9-2.2× without). Needs Triton on a GPU '
         "or a C++ compiler on the CPU; the first batches pay the compilation (about 30 s on 2 CPU cores)",
     )
