@@ -22,10 +22,12 @@ from torch import Tensor
 from .projections import list_projections
 from .rules import RuleSpec, create_rule
 
-__all__ = ["LabelSpec", "TPSGDConfig", "options_doc", "options_table"]
+__all__ = ["BlockSpec", "LabelSpec", "TPSGDConfig", "check_block_spec", "options_doc", "options_table"]
 
 #: Where the labels are in a batch: ``None`` (guess), an index, a key, or a callable ``batch -> labels``.
 LabelSpec = int | str | Callable[[Any], Tensor] | None
+#: What ``blocks=`` accepts: ``None`` (one block per Linear/Conv layer), ``"auto"`` or module names / patterns.
+BlockSpec = str | Sequence[str] | None
 SCHEDULES = ("simultaneous", "layerwise")
 TARGETS = ("post", "pre")
 OVERRIDE_KEYS = ("rule", "target", "projection", "target_scale")
@@ -139,6 +141,23 @@ class TPSGDConfig:
         '``rule="ce"`` (about 3× without) and 1.20-1.29× with the default (1.9-2.2× without). Needs Triton on a GPU '
         "or a C++ compiler on the CPU; the first batches pay the compilation (about 30 s on 2 CPU cores)",
     )
+    blocks: BlockSpec = _option(
+        None,
+        "``None``: one block per trainable Linear/Conv layer (with what runs after it up to the next one). "
+        '``"auto"`` or module names / fnmatch patterns (``["layer*"]``, ``["stages.*"]``, ``["blocks.*"]``, '
+        '``["layer*.*"]``; ``*`` stays within one part of a dotted name, and ``"layer*"`` also matches '
+        "``net.layer1``): block-wise learning of any network, residual and attention ones included, with ordinary "
+        "autograd inside each block and nothing across blocks; every block but the last learns from its rule on its "
+        "pooled output, the last one and the head from the model's loss (README, \"Residual and attention "
+        'networks"). ``"auto"`` takes the model\'s own stages: timm\'s ``feature_info``, ``stages``, '
+        '``layer1``..``layerN`` or ``blocks``. Not with ``lean``, ``output_layers`` or ``target="pre"``',
+    )
+    block_pool: int = _option(
+        2,
+        "with ``blocks``: a block's feature maps (B, K, H, W) are average-pooled to ``block_pool × block_pool`` "
+        "before its rule (by default a learned linear readout, as decoupled greedy learning's auxiliary heads); "
+        "token sequences (B, L, D) are averaged over the tokens",
+    )
 
     def __post_init__(self) -> None:
         if self.rule != "auto":
@@ -167,6 +186,11 @@ class TPSGDConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if _check_int("check_every", self.check_every) < 1:
             raise ValueError(f"check_every must be a positive number of steps, got {self.check_every}.")
+        check_block_spec(self.blocks)
+        if _check_int("block_pool", self.block_pool) < 1:
+            raise ValueError(f"block_pool must be a positive int (the side of the pooled grid), got {self.block_pool}.")
+        if self.blocks is not None:
+            _check_blockwise(self)
         if self.lean and self.rule != "auto" and create_rule(self.rule).learns_projection:
             raise ValueError(
                 f"rule={self.rule!r} learns its projection, which lean=True does not store. Use lean=False, or a "
@@ -216,6 +240,45 @@ def options_table() -> str:
         meaning = re.sub(r":\w+:`~?[\w.]*?(\w+)`", r"`\1`", f.metadata["doc"]).replace("``", "`")
         rows.append(f"| `{f.name}` | {shown} | {meaning} |")
     return "\n".join(rows)
+
+
+def check_block_spec(blocks: BlockSpec) -> None:
+    """Reject a ``blocks=`` value of the wrong kind (its names are matched against the model later).
+
+    Raises:
+        ValueError: a string other than ``"auto"``.
+        TypeError: neither ``None``, ``"auto"`` nor a sequence of strings.
+    """
+    if isinstance(blocks, str):
+        if blocks != "auto":
+            raise ValueError(
+                f"blocks={blocks!r} is not a valid choice: pass 'auto', a list of module names or patterns "
+                f"(e.g. blocks=[{blocks!r}]), or None for one block per Linear/Conv layer."
+            )
+    elif blocks is not None and (not isinstance(blocks, Sequence) or not all(isinstance(p, str) for p in blocks)):
+        raise TypeError(
+            f"blocks must be None, 'auto' or a sequence of module names / fnmatch patterns; got {blocks!r}."
+        )
+
+
+def _check_blockwise(config: TPSGDConfig) -> None:
+    """Options that have no meaning with ``blocks=`` are errors, not silently ignored."""
+    if config.lean:
+        raise ValueError(
+            "lean=True cannot work with blocks=: lean mode computes Linear/Conv gradients by hand without a graph, "
+            "but a block keeps its autograd graph (skips, attention, norms) until its local loss. Use lean=False, "
+            "or blocks=None for one block per layer."
+        )
+    if config.output_layers:
+        raise ValueError(
+            f"output_layers={list(config.output_layers)!r} does not apply with blocks=: the last block called and "
+            "everything after it train on the model's loss. Leave output_layers unset, or end blocks= earlier."
+        )
+    if config.target != "post":
+        raise ValueError(
+            f"target={config.target!r} does not apply with blocks=: a block's output (pooled) meets its target. "
+            "Leave target at 'post'."
+        )
 
 
 def _check_choice(what: str, value: Any, valid: Sequence[str]) -> None:

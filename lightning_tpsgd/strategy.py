@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from .config import LabelSpec, TPSGDConfig, options_doc
+from .config import BlockSpec, LabelSpec, TPSGDConfig, options_doc
 from .engine import GradSync, LocalLearner, cross_block_guard
 from .rules import RuleSpec
 
@@ -257,6 +257,8 @@ class TPSGDStrategy(_LocalLearning, ParallelStrategy):
         log_local_losses: bool = True,
         lean: bool = False,
         compile: bool = False,
+        blocks: BlockSpec = None,
+        block_pool: int = 2,
         device: str | torch.device | None = None,
         accelerator: Any | None = None,
         checkpoint_io: Any | None = None,
@@ -362,6 +364,8 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
         log_local_losses: bool = True,
         lean: bool = False,
         compile: bool = False,
+        blocks: BlockSpec = None,
+        block_pool: int = 2,
         **ddp_kwargs: Any,
     ) -> None:
         config = TPSGDConfig.from_options(locals())

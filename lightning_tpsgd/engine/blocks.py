@@ -38,6 +38,8 @@ __all__ = [
     "is_activation",
     "register_activation",
     "tap_of",
+    "tensors_of",
+    "TraceHooks",
 ]
 
 #: Layer types the engine trains with a projected target.
@@ -185,6 +187,8 @@ class Block:
         tap_shape: per-sample shape of the output at a function-activation tap (``tap`` is ``None``): the layer's
             output shape when only a flatten lies between (``F.relu(conv(x)).flatten(1)``), else the shape the
             next layer receives.
+        pool: block-wise blocks (``blocks=``, :mod:`.blockwise`): what the rule sees of the block's output
+            (feature maps average-pooled to a small grid, tokens averaged); ``None`` for per-layer blocks.
     """
 
     index: int
@@ -202,6 +206,7 @@ class Block:
     readouts: dict[str, nn.Parameter] = field(default_factory=dict)
     functional_activation: bool = False
     tap_shape: tuple[int, ...] | None = None
+    pool: Callable[[Tensor], Tensor] | None = None
 
     @property
     def is_local_module(self) -> bool:
@@ -365,7 +370,25 @@ def tap_of(block: Block, target: str, strict: bool = True) -> nn.Module | None:
 
 
 # ---------------------------------------------------------------------- the first training forward
-class CallTrace:
+class TraceHooks:
+    """What every trace of the first training forward shares: its hooks and the provisional blocks."""
+
+    provisional: list[Block]
+    handles: list[Any]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def abort(self) -> None:
+        """Remove the hooks and give the provisional blocks their registration order back."""
+        self.remove()
+        for index, block in enumerate(self.provisional):
+            block.index = index
+
+
+class CallTrace(TraceHooks):
     """The first training forward, recorded in call order: the trainable layers and what runs between them.
 
     :meth:`start` hooks every leaf module. When a layer is called, the block of the layer called before it is
@@ -418,17 +441,6 @@ class CallTrace:
             if is_layer:
                 self.handles.append(module.register_forward_pre_hook(self._pre_hook(name), prepend=True))
             self.handles.append(module.register_forward_hook(self._hook(name, is_layer)))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def abort(self) -> None:
-        """Remove the hooks and give the provisional blocks their registration order back."""
-        self.remove()
-        for index, block in enumerate(self.provisional):
-            block.index = index
 
     def _pre_hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -564,15 +576,16 @@ class CallTrace:
         """The loss may depend on hidden blocks only through their taps, where the engine detaches them."""
         owner = {id(p): b for b in blocks for p in b.params}
         reached: set[int] = set()
-        for t in _tensors(result):
+        for t in tensors_of(result):
             reached |= scan_graph(t, stop=self.markers)[0]
         leaked = sorted({owner[i].name for i in reached if i in owner and not owner[i].is_output})
         if leaked:
             raise RuntimeError(
                 f"The model's loss depends on hidden block(s) {leaked} other than through the output layer(s) "
                 f"{list(outputs)}: a skip connection across blocks or a parallel branch would carry the loss's "
-                "gradient into them. Feed the output layer only from the block called before it, detach the skip "
-                "(`identity.detach()`), or name the branch's last layer in output_layers=."
+                "gradient into them. Train such a network block by block (blocks='auto' or module patterns), feed "
+                "the output layer only from the block called before it, detach the skip (`identity.detach()`), or "
+                "name the branch's last layer in output_layers=."
             )
 
 
@@ -592,14 +605,14 @@ def detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
 
 
-def _tensors(value: Any) -> list[Tensor]:
+def tensors_of(value: Any) -> list[Tensor]:
     """The tensors in a forward's or a training step's result (a tensor, a dict, a tuple or a list)."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in tensors_of(v)]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in tensors_of(v)]
     return []
 
 
@@ -649,9 +662,11 @@ def _check_block_locality(
         raise RuntimeError(
             f"The output of block '{block.name}' (at {where}) depends on block(s) {others} other than through "
             f"the input of '{block.name}': a skip connection across blocks (such as a residual "
-            "`out + identity`) would carry gradient from one block into another, which tpSGD cannot train "
-            "locally. Detach the skip where it is added (`out + identity.detach()`), put the skip inside one "
-            "lightning_tpsgd.nn.LocalModule, or train this model with backpropagation (strategy='auto')."
+            "`out + identity`) would carry gradient from one block into another, which per-layer blocks cannot "
+            "train locally. Train residual and attention networks block by block with blocks='auto' (their "
+            "stages) or blocks=['<module pattern>', ...], where autograd runs inside each block; or detach the "
+            "skip where it is added (`out + identity.detach()`), or train this model with backpropagation "
+            "(strategy='auto')."
         )
     own = {id(p) for p in block.layer.parameters() if p.requires_grad}
     if own and not reached & own:
@@ -681,5 +696,6 @@ def cross_block_guard() -> Iterator[None]:
         raise RuntimeError(
             "The model's loss back-propagated into a hidden block whose local graph was already freed: the "
             "forward reuses a tensor from inside a block after that block ended (a skip connection across "
-            "blocks). Feed each block only the output of the previous one, or make the skip part of one block."
+            "blocks). Feed each block only the output of the previous one, or make the skip part of one block "
+            "(blocks='auto' or module patterns: autograd runs inside each block)."
         ) from err

@@ -29,6 +29,7 @@ from ..projections import create_projection
 from ..rules import RuleSpec, create_rule
 from . import kernels
 from .blocks import Block, CallTrace, as_tap, cross_block_guard, detached, find_blocks, first_tensor, tap_of
+from .blockwise import BlockTrace, block_plan, detach_output, head_classes, output_tensor
 from .checks import (
     DeferredChecks,
     check_label_type,
@@ -141,10 +142,21 @@ class LocalLearner:
         self.model = model
         self._output_layers = list(config.output_layers) if config.output_layers else None
         # provisional blocks in registration order; the first training batch replaces them (the trace)
-        self.blocks = find_blocks(model, self._output_layers, strict=False)
+        if config.blocks is None:
+            self.blocks = find_blocks(model, self._output_layers, strict=False)
+        else:
+            self.blocks = block_plan(model, config.blocks, config.block_pool)
         self.hidden = [b for b in self.blocks if not b.is_output]
-        self._num_classes_given = config.num_classes is not None
-        self.num_classes = config.num_classes if config.num_classes is not None else infer_num_classes(self.blocks)
+        num_classes = config.num_classes
+        if num_classes is None and config.blocks is not None:  # block-wise: the head is known before the first batch
+            num_classes = head_classes(model, self.blocks)
+            if num_classes is None:
+                raise ValueError(
+                    f"blocks={config.blocks!r}: num_classes cannot be taken from a Linear head after the last block "
+                    "(there is none); pass num_classes=."
+                )
+        self._num_classes_given = num_classes is not None
+        self.num_classes = num_classes if num_classes is not None else infer_num_classes(self.blocks)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}.")
         if self._output_layers:  # otherwise the output layer is the last one called: checked at the first batch
@@ -172,7 +184,7 @@ class LocalLearner:
         self._stopped = False
         self._stop_raised = False  # this forward raised StopForward (which the model must not swallow)
         # the first training forward
-        self._trace: CallTrace | None = None
+        self._trace: CallTrace | BlockTrace | None = None
         self._immediate = True  # train each hidden block at its boundary on the traced batch (else at the end)
         self._deferred: list[tuple[Block, Tensor]] = []
         self._traced = False
@@ -272,7 +284,10 @@ class LocalLearner:
                     block.params.append(old.P)
 
     def _attach(self) -> list[Any]:
-        """The hooks of the traced plan: a boundary pre-hook on every layer, a tap hook on every module tap."""
+        """The hooks of the traced plan: a boundary pre-hook on every layer, a tap hook on every module tap; with
+        ``blocks=``, an output hook on every hidden block."""
+        if self.config.blocks is not None:
+            return [b.layer.register_forward_hook(self._block_hook(b)) for b in self.hidden]
         handles = [b.layer.register_forward_pre_hook(self._boundary_hook(b), prepend=True) for b in self.blocks]
         handles += [
             b.tap.register_forward_hook(self._tap_hook(b))
@@ -386,6 +401,22 @@ class LocalLearner:
             if self._stop_after(block):
                 self._stop()
             return h.detach()
+
+        return hook
+
+    def _block_hook(self, block: Block) -> Callable[..., Any]:
+        """Forward hook on a hidden block of ``blocks=``: local step on its pooled output, then it goes on detached."""
+        assert block.pool is not None
+        pool = block.pool
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], out: Any) -> Any:
+            if self._labels is None or block.index in self._done:
+                return None  # not training, or called again (the first batch rejected that; leave it untrained)
+            self._done.add(block.index)
+            self._update(block, pool(output_tensor(out, block.name)))
+            if self._stop_after(block):
+                self._stop()
+            return detach_output(out)
 
         return hook
 
@@ -608,7 +639,12 @@ class LocalLearner:
         self._immediate = self._num_classes_given or bool(self._output_layers) or (fits and not learns)
         self._deferred = []
         freeze(self.blocks, frozen=set())  # every block builds its graph on the traced batch; the stage comes after
-        self._trace = CallTrace(self.model, self.blocks, self._output_layers, self._configure_block, self._trace_train)
+        if self.config.blocks is None:
+            self._trace = CallTrace(
+                self.model, self.blocks, self._output_layers, self._configure_block, self._trace_train
+            )
+        else:
+            self._trace = BlockTrace(self.model, self.blocks, self._configure_block, self._trace_train)
         self._trace.start()
 
     def _trace_train(self, block: Block, h: Any, hidden_index: int) -> None:
@@ -727,7 +763,8 @@ class LocalLearner:
                     raise RuntimeError(
                         f"The model's loss back-propagated into hidden block '{block.name}'. Its forward must "
                         "not reuse tensors across blocks (skip connections); feed each block only the output "
-                        "of the previous one."
+                        "of the previous one, or choose blocks that contain the skip (blocks='auto' or module "
+                        "patterns)."
                     )
                 p.grad = g if scale is None or g is None else g.mul_(scale)
         self._pending.clear()
