@@ -124,7 +124,7 @@ def run_one(suite: dict[str, Any], model: str, method: str, seed: int, args: arg
     H.mmap_large_blocks()
     L.seed_everything(seed, verbose=False)
     spec = suite["methods"][method] + (f",seed={seed}" if suite["methods"][method].startswith("tpsgd") else "")
-    test = 500 if args.quick else suite["test"]
+    test = 128 if args.quick else suite["test"]
     data = CIFAR10DataModule(
         data_dir=args.data_dir, batch_size=suite["batch"], val_size=0, train_subset=args.train_subset, test_subset=test
     )
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> H.Store | None:
         print("RESULT " + json.dumps(run_one(suite, model, method, int(seed), args)), flush=True)
         return None
     name = "blockwise" if args.suite == "resnet20" else f"blockwise_{args.suite}"
-    test = 500 if args.quick else suite["test"]
+    test = 128 if args.quick else suite["test"]
     settings = {"train_subset": args.train_subset, "test": test, "epochs": args.epochs, "quick": args.quick}
     store = H.Store.open(out / f"{name}.json", None if args.report_only else settings, args.fresh)
     if not args.report_only:

@@ -12,7 +12,8 @@ from . import _harness as H
 from . import paper_numbers as P
 
 SECTIONS = ("defaults", "table2", "table2_tune", "core", "vgg11_imagenette", "adaptor_table4", "rnn_tables")
-SECTIONS += ("rnn_saturation", "fig3", "fig4", "ddp", "steps", "gpu_check", "gpu_check_lightning")
+SECTIONS += ("rnn_saturation", "fig3", "fig4", "blockwise", "blockwise_timm", "ddp", "steps", "gpu_check")
+SECTIONS += ("gpu_check_lightning",)
 RUNS: dict[str, list[list[str]]] = {  # table -> the commands (module, arguments) that reproduce it
     "2": [["table2"]],
     "3": [["accuracy", "core", "--rows", "mnist/cnn2", "cifar10/cnn2"]],

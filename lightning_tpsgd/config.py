@@ -256,9 +256,7 @@ def check_block_spec(blocks: BlockSpec) -> None:
                 f"(e.g. blocks=[{blocks!r}]), or None for one block per Linear/Conv layer."
             )
     elif blocks is not None and (not isinstance(blocks, Sequence) or not all(isinstance(p, str) for p in blocks)):
-        raise TypeError(
-            f"blocks must be None, 'auto' or a sequence of module names / fnmatch patterns; got {blocks!r}."
-        )
+        raise TypeError(f"blocks must be None, 'auto' or a list of module names / fnmatch patterns; got {blocks!r}.")
 
 
 def _check_blockwise(config: TPSGDConfig) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from benchmarks import _harness as H
-from benchmarks import accuracy, rnn_tables, steps
+from benchmarks import accuracy, blockwise, rnn_tables, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT / ".." / "shared" / "data"
@@ -120,6 +120,16 @@ def test_core_suite_quick(synthetic_data, tmp_path):
     store = accuracy.main([*argv, "--rows", "mnist/cnn2", "--methods", "tpsgd-ce", "bp", "--threads", "1"])
     assert set(store.runs) == {"mnist/cnn2/tpsgd-ce/0", "mnist/cnn2/bp/0"}
     assert "| mnist | cnn2 | 1 |" in (tmp_path / "core.md").read_text() and (tmp_path / "core.png").exists()
+
+
+@pytest.mark.slow
+def test_blockwise_quick_resnet20(synthetic_data, tmp_path):
+    argv = ["--quick", "--out", str(tmp_path), "--seed-ids", "0", "--data-dir", str(synthetic_data), "--threads", "1"]
+    store = blockwise.main([*argv, "--train-subset", "256", "--only", "resnet20/bp/*", "resnet20/K=3/*"])
+    assert set(store.runs) == {"resnet20/bp/0", "resnet20/K=3/0"}
+    assert store.runs["resnet20/K=3/0"]["act_mib"] > 0 and store.runs["resnet20/bp/0"]["epochs"] == 1
+    report = (tmp_path / "blockwise.md").read_text()
+    assert '| resnet20 | `K=3` (`blocks=["layer*"]`) |' in report and (tmp_path / "blockwise.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- steps

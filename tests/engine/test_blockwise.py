@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import zoo
-from lightning_tpsgd import LocalLearner, TPSGDStrategy
+from lightning_tpsgd import LocalLearner, TPSGDDDPStrategy, TPSGDStrategy
 from lightning_tpsgd.functional import readout_ce
 
 
@@ -341,6 +341,23 @@ def test_cuda_graph_replays_block_wise_steps():
 def test_bad_blocks_are_rejected_with_the_candidates(blocks, match):
     with pytest.raises(ValueError, match=match):
         LocalLearner(resnet20(), blocks=blocks)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"blocks": "layers"}, ValueError, r"blocks='layers' is not a valid choice"),
+        ({"blocks": [1, 2]}, TypeError, r"blocks must be None, 'auto' or a list"),
+        ({"blocks": "auto", "block_pool": 0}, ValueError, r"block_pool must be a positive int"),
+        ({"blocks": "auto", "lean": True}, ValueError, r"lean=True cannot work with blocks="),
+        ({"blocks": "auto", "output_layers": ["net.linear"]}, ValueError, r"output_layers=.*does not apply"),
+        ({"blocks": "auto", "target": "pre"}, ValueError, r"target='pre' does not apply"),
+    ],
+)
+def test_the_strategies_reject_bad_block_options_when_built(options, error, match):
+    for strategy in (TPSGDStrategy, TPSGDDDPStrategy):
+        with pytest.raises(error, match=match):
+            strategy(**options)
 
 
 def test_auto_without_a_structure_asks_for_names():
