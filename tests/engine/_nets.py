@@ -59,3 +59,31 @@ def local_grads(learner):
     """The local gradients of the last forward as the optimizer gets them (``commit_grads``), by block index."""
     learner.commit_grads()
     return {b.index: [p.grad for p in b.params] for b in learner.hidden}
+
+
+def pattern_images(n: int = 64, size: int = 16, seed: int = 0, noise: float = 0.7):
+    """A learnable image task: a smooth random pattern per class (the same for every seed), plus noise."""
+    import torch.nn.functional as F
+
+    templates = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234))
+    templates = F.interpolate(templates, size=size, mode="bilinear")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return templates[y] + noise * torch.randn(n, 3, size, size, generator=g), y
+
+
+def fit_quietly(module, strategy, x, y, *, epochs=1, batch_size=32, shuffle=True, ckpt_path=None, **trainer_kwargs):
+    """``Trainer.fit`` on the CPU without logger, checkpoints, progress bar or summary; returns the Trainer."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        max_epochs=epochs,
+        enable_model_summary=False,
+        **{**quiet, **trainer_kwargs},
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle), ckpt_path=ckpt_path)
+    return trainer

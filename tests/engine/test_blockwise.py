@@ -16,9 +16,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import fit_quietly, pattern_images
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import zoo
 from lightning_tpsgd import LocalLearner, TPSGDDDPStrategy, TPSGDStrategy
@@ -94,12 +94,7 @@ def resnet20(seed: int = 0) -> nn.Module:
 
 
 def images(n: int = 64, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable image task: a smooth random pattern per class, plus noise."""
-    templates = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234))
-    templates = F.interpolate(templates, size=size, mode="bilinear")
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return templates[y] + 0.7 * torch.randn(n, 3, size, size, generator=g), y
+    return pattern_images(n, size, seed)
 
 
 def sgd(lr: float = 0.05):
@@ -407,21 +402,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def fit(
-    module: L.LightningModule, strategy, epochs: int = 1, n: int = 512, shuffle: bool = True, **kwargs
-) -> L.Trainer:
-    x, y = images(n)
-    ckpt_path = kwargs.pop("ckpt_path", None)
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        max_epochs=epochs,
-        **{"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, **kwargs},
-        enable_model_summary=False,
-    )
-    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=shuffle)
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
-    return trainer
+def fit(module: L.LightningModule, strategy, epochs: int = 1, n: int = 512, **kwargs) -> L.Trainer:
+    return fit_quietly(module, strategy, *images(n), epochs=epochs, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -460,8 +442,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys
     import lightning as L, torch, torch.nn.functional as F
-    from torch.utils.data import DataLoader, TensorDataset
-    import zoo
+        import zoo
     from lightning_tpsgd import TPSGDDDPStrategy
 
     class Classifier(L.LightningModule):

@@ -14,8 +14,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import fit_quietly, pattern_images
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tpsgd import TPSGDStrategy
 from lightning_tpsgd.engine.blockwise import resolve_block_modules
@@ -44,11 +44,7 @@ class Classifier(L.LightningModule):
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A smooth random 32×32 pattern per class plus noise (the same patterns for every seed)."""
-    templates = F.interpolate(torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234)), size=32)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return templates[y] + torch.randn(n, 3, 32, 32, generator=g), y
+    return pattern_images(n, size=32, seed=seed, noise=1.0)
 
 
 def cifar10(n_train: int, n_test: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -64,22 +60,10 @@ def train_and_score(name: str, train: tuple[torch.Tensor, torch.Tensor], test: t
     module = Classifier(name)
     strategy = TPSGDStrategy(blocks="auto")
     names: list[str] = []
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[
-            L.pytorch.callbacks.LambdaCallback(
-                on_train_end=lambda *_: names.extend(b.name for b in strategy.learner.blocks)
-            )
-        ],
+    record = L.pytorch.callbacks.LambdaCallback(
+        on_train_end=lambda *_: names.extend(b.name for b in strategy.learner.blocks)
     )
-    trainer.fit(module, DataLoader(TensorDataset(*train), batch_size=32, shuffle=True))
-    assert names == MODELS[name][1]
+    fit_quietly(module, strategy, *train, callbacks=[record])
     module.eval()
     with torch.no_grad():
         logits = torch.cat([module.net(x) for x in test[0].split(250)])
