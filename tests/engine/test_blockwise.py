@@ -442,7 +442,8 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys
     import lightning as L, torch, torch.nn.functional as F
-        import zoo
+    from torch.utils.data import DataLoader, TensorDataset
+    import zoo
     from lightning_tpsgd import TPSGDDDPStrategy
 
     class Classifier(L.LightningModule):
