@@ -25,8 +25,6 @@ step. On the CPU the peak resident set (``VmHWM``), with large blocks served by 
 on a GPU the CUDA allocator's peak. Time per epoch leaves out the first epoch when there are several.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys
