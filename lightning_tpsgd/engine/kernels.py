@@ -13,7 +13,9 @@ gradient, as ``torch.optim.adam()`` picks ``_single_tensor_adam`` or ``_multi_te
 
 The callers differ only in how they take the gradient on from the block output to the parameters: autograd
 through the block's graph (the default path), by hand a slice of the batch at a time (:func:`explicit_grads`,
-lean mode), or the recurrent cell's own pseudo-gradients (:mod:`lightning_tpsgd.nn.rnn`).
+lean mode), or the recurrent cell's own pseudo-gradients (:mod:`lightning_tpsgd.nn.rnn`). The recurrent cell's
+rule ``"learned"`` (a readout per time step) has its own closed form, a chunk of steps at once:
+:func:`readout_ce_grad_`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..rules import LocalRule
 if TYPE_CHECKING:  # no import at run time: the recurrent cell (lightning_tpsgd.nn) imports this module
     from .blocks import Block
 
-__all__ = ["LocalGrad", "explicit_grad_ok", "explicit_grads", "local_grad", "relu_slope"]
+__all__ = ["LocalGrad", "explicit_grad_ok", "explicit_grads", "local_grad", "readout_ce_grad_", "relu_slope"]
 
 #: Lean mode's explicit update takes the batch in slices of an eighth of it, or of this many bytes of block
 #: output when that is more: small outputs go in one slice (fewer kernels), large ones need a gradient buffer
@@ -256,3 +258,27 @@ def _relu_backward_(grad: Tensor, h: Tensor, slope: float) -> None:
         torch.ops.aten.threshold_backward.grad_input(grad, h, 0.0, grad_input=grad)
     else:
         torch.ops.aten.leaky_relu_backward.grad_input(grad, h, slope, True, grad_input=grad)
+
+
+# ---------------------------------------------------------------------- the recurrent cell's learned readouts
+def readout_ce_grad_(h: Tensor, labels: Tensor, readout: Tensor, grad_h: Tensor, grad_readout: Tensor) -> Tensor:
+    """Rule ``"learned"`` on a chunk of steps: the summed per-step cross-entropy of the readouts ``h_s W_s^T``.
+
+    Writes ``dJ/dh`` into ``grad_h`` and adds ``dJ/dW`` to ``grad_readout``, with ``J`` the sum over the chunk's
+    steps of the batch-mean cross-entropy of each step.
+
+    Shape:
+        - h, grad_h: (n, B, H); labels: (B,); readout, grad_readout: (n, C, H)
+        - returns: the chunk's loss, a scalar
+    """
+    n, batch, _ = h.shape
+    logits = torch.bmm(h, readout.transpose(1, 2))  # (n, B, C)
+    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # fp32 at least
+    index = labels.view(1, batch, 1).expand(n, batch, 1)
+    loss = -log_probs.gather(2, index).sum() / batch
+    dlogits = log_probs.exp_()
+    dlogits.scatter_add_(2, index, torch.full_like(dlogits[..., :1], -1.0)).div_(batch)
+    dlogits = dlogits.to(h.dtype)
+    torch.bmm(dlogits, readout, out=grad_h)
+    grad_readout.add_(torch.bmm(dlogits.transpose(1, 2), h).to(grad_readout.dtype))
+    return loss.to(grad_readout.dtype)

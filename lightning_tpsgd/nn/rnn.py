@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.kernels import local_grad
+from ..engine.kernels import local_grad, readout_ce_grad_
 from ..projections import list_projections
 from ..rules import DRTP, TPSGDL1, TPSGDL2, LocalRule
 from .base import LocalContext, LocalModule
@@ -556,7 +556,7 @@ def _local_cell(
         G = grad_h[:n]
         h_rule = buf if midpoint == 0.0 else buf - midpoint
         if g_readout is not None:
-            loss += _readout_ce_(h_rule, labels, targets[a:b], G, g_readout[a:b])
+            loss += readout_ce_grad_(h_rule, labels, targets[a:b], G, g_readout[a:b])
             scale = 1.0
         elif vectorised:
             torch.index_select(targets[a:b], 1, labels, out=G)
@@ -592,29 +592,6 @@ def _local_cell(
             g_readout /= seq_len
         grads["readout"] = (g_readout.flip(0) if reverse else g_readout).transpose(0, 1).to(P.dtype)
     return grads, (loss / seq_len if mean_over_time else loss), h
-
-
-def _readout_ce_(h: Tensor, labels: Tensor, readout: Tensor, grad_h: Tensor, grad_readout: Tensor) -> Tensor:
-    """Rule ``"learned"`` on a chunk of steps: the summed per-step cross-entropy of the readouts ``h_s W_s^T``.
-
-    Writes ``dJ/dh`` into ``grad_h`` and adds ``dJ/dW`` to ``grad_readout``, with ``J`` the sum over the chunk's
-    steps of the batch-mean cross-entropy of each step.
-
-    Shape:
-        - h, grad_h: (n, B, H); labels: (B,); readout, grad_readout: (n, C, H)
-        - returns: the chunk's loss, a scalar
-    """
-    n, batch, _ = h.shape
-    logits = torch.bmm(h, readout.transpose(1, 2))  # (n, B, C)
-    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # fp32 at least
-    index = labels.view(1, batch, 1).expand(n, batch, 1)
-    loss = -log_probs.gather(2, index).sum() / batch
-    dlogits = log_probs.exp_()
-    dlogits.scatter_add_(2, index, torch.full_like(dlogits[..., :1], -1.0)).div_(batch)
-    dlogits = dlogits.to(h.dtype)
-    torch.bmm(dlogits, readout, out=grad_h)
-    grad_readout.add_(torch.bmm(dlogits.transpose(1, 2), h).to(grad_readout.dtype))
-    return loss.to(grad_readout.dtype)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -120,3 +120,18 @@ def test_the_target_form_and_a_learned_projection():
     expected = torch.autograd.grad(create_rule("learned").projected_loss(leaf, y, P), [leaf, P])
     torch.testing.assert_close(step.grad, expected[0])
     torch.testing.assert_close(step.grad_P, expected[1])
+
+
+def test_the_recurrent_cells_readout_kernel_gives_autograds_gradients():
+    """readout_ce_grad_: the summed per-step cross-entropy of a readout per time step, a chunk of steps at once."""
+    g = torch.Generator().manual_seed(2)
+    h, readout = torch.randn(3, 5, 4, generator=g), torch.randn(3, 6, 4, generator=g)
+    y = torch.randint(0, 6, (5,), generator=g)
+    grad_h, grad_readout = torch.empty_like(h), torch.ones_like(readout)
+    loss = kernels.readout_ce_grad_(h, y, readout, grad_h, grad_readout)
+    leaf, W = h.clone().requires_grad_(), readout.clone().requires_grad_()
+    expected = sum(F.cross_entropy(leaf[s] @ W[s].T, y) for s in range(3))
+    grads = torch.autograd.grad(expected, [leaf, W])
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad_h, grads[0])
+    torch.testing.assert_close(grad_readout, 1 + grads[1])  # added to what was there
