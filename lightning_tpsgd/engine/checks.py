@@ -6,11 +6,19 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .blocks import Block
 
-__all__ = ["DeferredChecks", "check_label_type", "check_labels", "check_num_classes", "explain_bad_labels"]
+__all__ = [
+    "DeferredChecks",
+    "check_label_type",
+    "check_labels",
+    "check_num_classes",
+    "explain_bad_labels",
+    "guess_num_classes",
+    "infer_num_classes",
+]
 
 
 class DeferredChecks:
@@ -34,6 +42,26 @@ class DeferredChecks:
     def synchronous(self) -> bool:
         """Whether this step reads its checks at once (the first step)."""
         return self.step == 0
+
+    def start_step(self, labels: Tensor, num_classes: int, batch: int | str | None, classes_known: bool = True) -> None:
+        """Check a training step's labels: their type always, their range at the first step (if ``classes_known``:
+        not while the trace may still change ``num_classes``); later steps poll the asynchronous reads instead."""
+        if not classes_known:
+            check_label_type(labels)  # their range once the trace has found the output layer
+        elif self.synchronous:
+            check_labels(labels, num_classes, batch)
+        else:
+            check_label_type(labels)
+            self.poll()
+
+    def local_loss(self, block: Block, loss: Tensor) -> None:
+        """Check a block's local loss: at once at the first step, else folded into its running sum."""
+        if self.synchronous and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"Local loss of block '{block.name}' is {loss.item()} (rule {block.rule!r}). Lower the "
+                "learning rate or target_scale, or check the inputs for NaN/inf."
+            )
+        self.fold_loss(block.name, loss)
 
     def fold_loss(self, name: str, loss: Tensor) -> None:
         total = self._losses.get(name)
@@ -95,11 +123,19 @@ def capturing() -> bool:
 
 
 def infer_num_classes(blocks: list[Block]) -> int:
+    """``out_features`` (or ``out_channels``) of the first output block's layer."""
     out = next(b for b in blocks if b.is_output).layer
     n = getattr(out, "out_features", None) or getattr(out, "out_channels", None)
     if n is None:
         raise ValueError(f"Cannot infer num_classes from output layer {type(out).__name__}; pass num_classes=.")
     return int(n)
+
+
+def guess_num_classes(blocks: list[Block]) -> int | None:
+    """Before the trace has found the output layer: the width of the narrowest Linear layer (a classifier's head),
+    whatever the registration order; ``None`` if there is none of at least 2."""
+    widths = [b.layer.out_features for b in blocks if isinstance(b.layer, nn.Linear)]
+    return min(widths) if widths and min(widths) >= 2 else None
 
 
 def check_num_classes(blocks: list[Block], num_classes: int) -> None:

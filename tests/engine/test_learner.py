@@ -1,4 +1,4 @@
-"""lightning_tpsgd.engine.learner: LocalLearner end to end (rules, overrides, learned projections, step)."""
+"""lightning_tpsgd.engine.learner: LocalLearner end to end (rules, learned projections, step, close)."""
 
 import copy
 
@@ -44,38 +44,6 @@ def test_scaling_the_model_loss_leaves_hidden_layers_bit_identical():
     assert not torch.equal(runs[0][7].weight, runs[1][7].weight)
 
 
-def test_auto_rule_follows_the_block_kind():
-    def rules(learner):
-        return {b.name: b.rule.name for b in learner.hidden}
-
-    model = nn.Sequential(cnn()[:7], nn.Linear(54, 20), nn.ReLU(), nn.Linear(20, 10))
-    assert rules(LocalLearner(model)) == {"0.0": "learned", "0.4": "learned", "1": "learned"}  # Conv, Linear
-    assert rules(LocalLearner(model, lean=True)) == {"0.0": "ce", "0.4": "ce", "1": "ce"}  # lean: no learned P
-    pinned = LocalLearner(model, rule="l2", overrides={"0.4": {"rule": "auto"}})
-    assert rules(pinned) == {"0.0": "l2", "0.4": "learned", "1": "l2"}
-    learner = LocalLearner(model)  # the default trains end to end like an explicit rule="learned"
-    learner.step(*batch())
-    assert len(learner.learned_projections()) == 3
-
-    from lightning_tpsgd.nn import RNN
-
-    class Recurrent(nn.Module):
-        def __init__(self, rnn):
-            super().__init__()
-            self.rnn, self.head = rnn, nn.Linear(6, 10)
-
-        def forward(self, x):
-            return self.head(self.rnn(x)[1][-1])
-
-    assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)))) == {"rnn": "learned"}  # its tpsgd_auto_rule
-    assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)), lean=True)) == {"rnn": "ce"}
-
-    class L1RNN(RNN):
-        tpsgd_auto_rule = "l1"  # a LocalModule names its own
-
-    assert rules(LocalLearner(Recurrent(L1RNN(4, 6, batch_first=True)))) == {"rnn": "l1"}
-
-
 def test_learns_digits():
     from sklearn.datasets import load_digits
 
@@ -101,25 +69,6 @@ def test_every_rule_trains_every_block(rule):
     assert set(logs) == {"0", "4", "loss"}
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
     assert changed[0] and all(changed[2:])  # changed[1]: a conv bias before batch norm has zero gradient
-
-
-def test_per_layer_overrides():
-    learner = LocalLearner(mlp(), rule="l2", overrides={"3": {"rule": "drtp", "target": "pre"}})
-    assert learner.hidden[0].rule.name == "l2"
-    assert learner.hidden[1].rule.name == "drtp" and isinstance(learner.hidden[1].tap, nn.Linear)
-    with pytest.raises(ValueError, match="not hidden trainable layers"):  # the output layer: known at batch 1
-        LocalLearner(mlp(), overrides={"6": {"rule": "l1"}}).step(*batch())
-    with pytest.raises(ValueError, match="not hidden trainable layers"):
-        LocalLearner(mlp(), overrides={"fc": {"rule": "l1"}})  # no such layer: at once
-    with pytest.raises(ValueError, match="unknown keys"):
-        LocalLearner(mlp(), overrides={"1": {"lr": 1.0}})
-
-
-def test_conv_projection_choice():
-    learner = LocalLearner(cnn(), conv_projection="naive", projection="binary")
-    learner.step(*batch())
-    assert learner.hidden[0].projection.name == "binary"
-    assert learner.hidden[0].projection.P.shape == (10, 4, 6, 6)
 
 
 def test_learned_projection_starts_at_the_fixed_one_and_trains_with_its_block():
