@@ -110,3 +110,24 @@ def test_lean_mode_restores_grad_mode_after_an_error():
     with pytest.raises(FloatingPointError):
         learner.step(x, y)
     assert torch.is_grad_enabled()
+
+
+def test_a_steps_labels_are_range_checked_once_the_classes_are_known():
+    from lightning_tpsgd.engine.checks import DeferredChecks
+
+    checks = DeferredChecks(every=1)
+    labels = torch.tensor([0, 12])
+    checks.start_step(labels, num_classes=10, batch=0, classes_known=False)  # the trace may still change them
+    with pytest.raises(ValueError, match=r"lie in \[0, 12\]"):
+        checks.start_step(labels, num_classes=10, batch=0)
+    with pytest.raises(TypeError, match="integer class indices"):
+        checks.start_step(labels.float(), num_classes=10, batch=0, classes_known=False)
+
+
+def test_the_narrowest_linear_layer_is_the_guess_for_num_classes():
+    from lightning_tpsgd import find_blocks
+    from lightning_tpsgd.engine.checks import guess_num_classes
+
+    head_first = nn.ModuleDict({"head": nn.Linear(8, 3), "body": nn.Linear(5, 8)})
+    assert guess_num_classes(find_blocks(head_first)) == 3
+    assert guess_num_classes(find_blocks(nn.Sequential(nn.Conv2d(1, 4, 3)))) is None
