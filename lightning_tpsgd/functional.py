@@ -33,6 +33,7 @@ __all__ = [
     "tpsgd_ce",
     "tpsgd_ce_grad",
     "readout_ce",
+    "readout_ce_grad",
 ]
 
 
@@ -144,14 +145,19 @@ def _drtp_count(h: Tensor, reduction: str) -> int:
     raise ValueError(f"Invalid reduction {reduction!r}; choose 'mean' or 'sum'.")
 
 
-def _cosines(h: Tensor, P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``cos(h_b, P_c)`` for every sample and class, with the norms used."""
-    hf = h.reshape(h.shape[0], -1)
-    Pf = P.reshape(P.shape[0], -1)
-    h_norm = torch.linalg.vector_norm(hf, dim=1).clamp_min(1e-12)  # (B,)
-    P_norm = torch.linalg.vector_norm(Pf, dim=1).clamp_min(1e-12)  # (C,)
-    cos = (hf @ Pf.T).div_(h_norm[:, None]).div_(P_norm[None, :])  # (B, C)
-    return cos, h_norm, P_norm
+def _cosines(hf: Tensor, Pf: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``cos(h_b, P_c)`` for every sample and class, with the norms used (``hf``: (B, F), ``Pf``: (C, F)).
+
+    Returns ``(cos (B, C), |h_b| (B, 1), |P_c| (C,))``. ``inplace``: the same numbers in fewer dispatched ops, for
+    the closed-form gradient (autograd needs the out-of-place ops).
+    """
+    h_norm = torch.linalg.vector_norm(hf, dim=1, keepdim=True)
+    P_norm = torch.linalg.vector_norm(Pf, dim=1)
+    if inplace:
+        h_norm, P_norm = h_norm.clamp_min_(1e-12), P_norm.clamp_min_(1e-12)
+        return torch.mm(hf, Pf.t()).div_(h_norm).div_(P_norm), h_norm, P_norm
+    h_norm, P_norm = h_norm.clamp_min(1e-12), P_norm.clamp_min(1e-12)
+    return (hf @ Pf.T) / h_norm / P_norm, h_norm, P_norm
 
 
 def tpsgd_ce(h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0) -> Tensor:
@@ -164,7 +170,7 @@ def tpsgd_ce(h: Tensor, y: Tensor, P: Tensor, kappa: float = 10.0) -> Tensor:
         - h: (B, *S); y: (B,) integer labels; P: (C, *S)
         - returns: scalar (mean over the batch)
     """
-    cos, _, _ = _cosines(h, P)
+    cos, _, _ = _cosines(h.reshape(h.shape[0], -1), P.reshape(P.shape[0], -1))
     return F.cross_entropy(kappa * cos, y)
 
 
@@ -186,18 +192,17 @@ def tpsgd_ce_grad(
         out: optional buffer of ``h``'s shape that receives ``g``.
     """
     B = h.shape[0]
-    cos, h_norm, P_norm = _cosines(h, P)
-    logits = kappa * cos
-    loss = F.cross_entropy(logits, y)
-    err = logits.softmax(dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))  # >= float32, as autocast
-    err[torch.arange(B, device=err.device), y] -= 1.0
-    radial = (err * cos).sum(dim=1).div_(h_norm.square())  # (B,)
-    err.div_(h_norm[:, None]).div_(P_norm[None, :])
-    Pf, hf = P.reshape(P.shape[0], -1), h.reshape(B, -1)
-    err = err.to(Pf.dtype)  # an out= product takes no autocast: the operands must share out's dtype
-    g = err @ Pf if out is None else torch.mm(err, Pf, out=out.view(B, -1))  # (B, F)
-    g.addcmul_(hf, radial[:, None], value=-1.0)
-    return loss, g.view(h.shape), kappa / B
+    hf, Pf = h.flatten(1), P.flatten(1)
+    cos, h_norm, P_norm = _cosines(hf, Pf, inplace=True)
+    logits = cos.mul(_constant(kappa, cos))
+    loss = F.nll_loss(logits.log_softmax(dim=1), y)  # = F.cross_entropy(logits, y), in fewer dispatched ops
+    err = _softmax_error(logits, y)
+    radial = (err * cos).sum(dim=1, keepdim=True).div_(h_norm * h_norm)  # (B, 1)
+    err.div_(h_norm).div_(P_norm)
+    err = _cast(err, Pf.dtype)  # an out= product takes no autocast: the operands must share out's dtype
+    g = torch.mm(err, Pf) if out is None else torch.mm(err, Pf, out=out.view(B, -1))  # (B, F)
+    g.addcmul_(hf, radial, value=-1.0)
+    return loss, _unflatten(g, h.shape), kappa / B
 
 
 def readout_ce(h: Tensor, y: Tensor, W: Tensor) -> Tensor:
@@ -214,3 +219,90 @@ def readout_ce(h: Tensor, y: Tensor, W: Tensor) -> Tensor:
     """
     logits = h.reshape(h.shape[0], -1) @ W.reshape(W.shape[0], -1).T
     return F.cross_entropy(logits, y)
+
+
+def readout_ce_grad(h: Tensor, y: Tensor, W: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Loss of :func:`readout_ce` and its gradients in closed form, as ``(loss, dJ/dh, dJ/dW)``.
+
+    With :math:`e = (\operatorname{softmax}(h W^\top) - \operatorname{onehot}(y)) / B`,
+    :math:`\partial J / \partial h = e W` and :math:`\partial J / \partial W = e^\top h`: three matrix products
+    (logits and both gradients) and no autograd graph. The products run in ``h``'s dtype (``W`` is cast to it, as
+    :func:`readout_ce` does), the softmax in float32 at least; ``dJ/dW`` comes back in ``W``'s dtype.
+
+    Args:
+        out: optional buffer of ``h``'s shape and dtype that receives ``dJ/dh``.
+
+    Shape:
+        - h: (B, *S); y: (B,) integer labels; W: (C, *S)
+        - returns: ``(scalar, same as h, same as W)``
+    """
+    B = h.shape[0]
+    hf, Wf = h.flatten(1), _cast(W, h.dtype).flatten(1)
+    logits = torch.mm(hf, Wf.t())
+    log_probs = logits.log_softmax(dim=1, dtype=_softmax_dtype(logits))
+    loss = F.nll_loss(log_probs, y)
+    err = log_probs.exp_()
+    err.scatter_add_(1, y.view(B, 1), _constant(-1.0, err, (B, 1))).mul_(_constant(1.0 / B, err))
+    err = _cast(err, hf.dtype)
+    g = torch.mm(err, Wf) if out is None else torch.mm(err, Wf, out=out.view(B, -1))
+    g_W = _cast(torch.mm(err.t(), hf), W.dtype)
+    return loss, _unflatten(g, h.shape), _unflatten(g_W, W.shape)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)`` for a floating dtype, without dispatching an op."""
+    return torch.float32 if dtype.itemsize < 4 else dtype
+
+
+def _softmax_dtype(logits: Tensor) -> torch.dtype | None:
+    """The softmax's dtype: float32 at least (as autocast runs it); ``None`` where that is the logits' own."""
+    return None if _opmath(logits.dtype) == logits.dtype else _opmath(logits.dtype)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without dispatching an op when it has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _softmax_error(logits: Tensor, y: Tensor) -> Tensor:
+    """``softmax(logits) - onehot(y)`` in float32 at least: ``B`` times the gradient of the batch-mean
+    cross-entropy with respect to the logits.
+
+    Shape:
+        - logits: (B, C); y: (B,)
+        - returns: (B, C)
+    """
+    err = logits.softmax(dim=1, dtype=_softmax_dtype(logits))
+    return err.scatter_add_(1, y.view(-1, 1), _constant(-1.0, err, (err.shape[0], 1)))
+
+
+def _unflatten(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` (N, F) viewed as ``shape``; ``t`` itself where that is its shape already (no op)."""
+    return t if t.shape == shape else t.view(shape)
+
+
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+_CONSTANTS: dict[tuple[float, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+
+
+def _constant(value: float, like: Tensor, shape: tuple[int, ...] = ()) -> Tensor:
+    """A cached tensor filled with ``value``, made once instead of at every step.
+
+    ``shape=()``: a 0-dim CPU tensor in the dtype arithmetic with ``like`` computes in (float32 for the 16-bit
+    types), so ``like * _constant(c, like)`` equals ``like * c`` bit for bit; a Python number there would be
+    wrapped into a fresh tensor and cast at every call (several dispatched ops). Other shapes: on ``like``'s
+    device and dtype. Read-only: the same tensor is returned to every caller. Under ``torch.compile``, a fresh
+    tensor on ``like``'s device (a constant the compiler folds).
+    """
+    if _is_compiling():
+        return torch.full(shape, value, dtype=_opmath(like.dtype) if shape == () else like.dtype, device=like.device)
+    if shape == ():
+        key = (value, shape, _opmath(like.dtype), torch.device("cpu"))
+    else:
+        key = (value, shape, like.dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) >= 256:  # many batch sizes or devices: start over rather than grow
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.full(shape, value, dtype=key[2], device=key[3])
+    return t

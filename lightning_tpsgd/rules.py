@@ -47,6 +47,8 @@ class LocalRule:
     #: True when the block's projection is a trainable readout: the engine then turns ``P`` into a parameter,
     #: initialised by :meth:`init_projection`, and trains it with the block on this rule's loss.
     learns_projection: bool = False
+    #: True when :meth:`projected_loss_and_grads` gives the gradients for ``h`` and a learned ``P`` in closed form.
+    closed_form_readout: bool = False
 
     def init_projection(self, P: Tensor) -> Tensor:
         """Initial value of a learned projection, from the freshly sampled fixed one (rules that learn ``P``)."""
@@ -76,6 +78,20 @@ class LocalRule:
             out: optional buffer of ``h``'s shape and dtype that receives ``g``.
         """
         return self.loss_and_grad_(h, TF.project_targets(y, P.to(h.dtype), out=out))
+
+    def projected_loss_and_grads(
+        self, h: Tensor, y: Tensor, P: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Closed-form ``(loss, dloss/dh, dloss/dP)`` of a rule that learns ``P`` (``closed_form_readout``).
+
+        Args:
+            out: optional buffer of ``h``'s shape and dtype that receives ``dloss/dh``.
+
+        Shape:
+            - h: (B, *S); y: (B,) integer labels; P: (C, *S)
+            - returns: ``(scalar, same as h, same as P)``
+        """
+        raise NotImplementedError(f"Rule {self.name!r} has no closed-form readout gradient; the engine uses autograd.")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -191,7 +207,7 @@ class TPSGDCE(LocalRule):
     def projected_loss_and_grad(
         self, h: Tensor, y: Tensor, P: Tensor, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor, float]:
-        return TF.tpsgd_ce_grad(h, y, P.to(h.dtype), kappa=self.kappa, out=out)
+        return TF.tpsgd_ce_grad(h, y, P if P.dtype == h.dtype else P.to(h.dtype), kappa=self.kappa, out=out)
 
     def __repr__(self) -> str:
         return f"TPSGDCE(kappa={self.kappa})"
@@ -219,6 +235,7 @@ class LearnedCE(LocalRule):
     """
 
     learns_projection = True
+    closed_form_readout = True
 
     def init_projection(self, P: Tensor) -> Tensor:
         return P / math.sqrt(math.prod(P.shape[1:]))
@@ -231,6 +248,11 @@ class LearnedCE(LocalRule):
 
     def projected_loss(self, h: Tensor, y: Tensor, P: Tensor) -> Tensor:
         return TF.readout_ce(h, y, P.to(h.dtype))
+
+    def projected_loss_and_grads(
+        self, h: Tensor, y: Tensor, P: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return TF.readout_ce_grad(h, y, P, out=out)
 
     def __repr__(self) -> str:
         return "LearnedCE()"

@@ -60,6 +60,34 @@ def test_ce_closed_form_gradient_in_bfloat16_writes_into_a_bfloat16_buffer():
     torch.testing.assert_close(grad.float(), expected, atol=2e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("shape", [(5, 12), (4, 3, 4, 4)])
+def test_readout_ce_closed_form_gradients_match_autograd(shape):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn((3, *shape[1:]), generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 2, 1, 2, 0][: shape[0]])
+    expected_loss = TF.readout_ce(h, y, W)
+    expected = torch.autograd.grad(expected_loss, [h, W])
+    out = torch.empty(shape, dtype=torch.float64)
+    loss, grad_h, grad_W = TF.readout_ce_grad(h.detach(), y, W.detach(), out=out)
+    assert grad_h.data_ptr() == out.data_ptr() and grad_W.shape == W.shape
+    torch.testing.assert_close(loss, expected_loss.detach())
+    torch.testing.assert_close(grad_h, expected[0])
+    torch.testing.assert_close(grad_W, expected[1])
+
+
+def test_readout_ce_closed_form_in_bfloat16_keeps_the_readouts_dtype():
+    g = torch.Generator().manual_seed(0)
+    h, W, y = torch.randn(6, 16, generator=g), torch.randn(4, 16, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    _, expected_h, expected_W = TF.readout_ce_grad(h, y, W)
+    out = torch.empty(6, 16, dtype=torch.bfloat16)
+    loss, grad_h, grad_W = TF.readout_ce_grad(h.bfloat16(), y, W, out=out)  # W float32, cast for the products
+    assert grad_h.dtype == torch.bfloat16 and grad_h.data_ptr() == out.data_ptr()
+    assert grad_W.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(grad_h.float(), expected_h, atol=2e-2, rtol=5e-2)
+    torch.testing.assert_close(grad_W, expected_W, atol=2e-2, rtol=5e-2)
+
+
 def test_ce_is_small_when_outputs_point_to_their_class_target():
     P = torch.eye(3, 8)
     y = torch.tensor([0, 1, 2])

@@ -601,8 +601,8 @@ def first_tensor(args: Any) -> Tensor | None:
 
 
 def detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A block boundary: the next layer receives its inputs detached."""
-    return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+    """A block boundary: the next layer receives its inputs detached (those with no graph as they are: no op)."""
+    return tuple(a.detach() if isinstance(a, Tensor) and a.requires_grad else a for a in args)
 
 
 def tensors_of(value: Any) -> list[Tensor]:

@@ -7,8 +7,11 @@ gradient, as ``torch.optim.adam()`` picks ``_single_tensor_adam`` or ``_multi_te
   no autograd graph, written into a caller's buffer when given (the default path and lean mode);
 - ``_fused_closed_form_grad``: the same through ``torch.compile`` (``compile=True``), with the scale and the
   (leaky) ReLU derivative fused in;
-- ``_autograd_grad``: autograd on the rule's loss for rules without a closed form (a learned readout, a callable
-  loss), ``torch.compile``-d with ``compile=True``;
+- ``_readout_grad``: a learned readout's closed-form gradients for the block output and the readout itself
+  (:meth:`~lightning_tpsgd.rules.LocalRule.projected_loss_and_grads`, rule ``"learned"``), no autograd graph;
+- ``_fused_readout_grad``: the same through ``torch.compile``, with the (leaky) ReLU derivative fused in;
+- ``_autograd_grad``: autograd on the rule's loss for rules without a closed form (a callable loss, a learned
+  projection without one), ``torch.compile``-d with ``compile=True``;
 - ``_target_grad``: the closed form against an explicit target (the recurrent cell's per-position targets).
 
 The callers differ only in how they take the gradient on from the block output to the parameters: autograd
@@ -24,8 +27,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional import _constant, _is_compiling
 from ..rules import LocalRule
 
 if TYPE_CHECKING:  # no import at run time: the recurrent cell (lightning_tpsgd.nn) imports this module
@@ -88,6 +93,9 @@ def local_grad(
     if target is not None:
         return _target_grad(rule, h, target)
     assert y is not None and P is not None, "local_grad needs the labels and the projection, or a target"
+    if rule.learns_projection and rule.closed_form_readout:
+        readout = _fused_readout_grad if fused else _readout_grad
+        return readout(rule, h, y, P, slope=slope, out=out)
     if not rule.closed_form or rule.learns_projection:
         return _autograd_grad(rule, h, y, P, slope=slope, fused=fused)
     if fused:
@@ -99,7 +107,6 @@ def local_grad(
 def _closed_form_grad(
     rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, *, slope: float | None, out: Tensor | None
 ) -> LocalGrad:
-    h, out = _plain(h), _plain(out)
     loss, g, c = rule.projected_loss_and_grad(h, y, P, out=out)
     if slope is not None:
         _relu_backward_(g, h, slope)
@@ -147,8 +154,59 @@ def _compile(fn: Callable[..., object]) -> Callable[..., object]:
 def _fused_closed_form_grad(
     rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, *, slope: float | None, out: Tensor | None
 ) -> LocalGrad:
-    loss, g = _compile(_scaled_relu_grad)(rule, _plain(h), y, P, slope, _plain(out))  # type: ignore[misc]
+    loss, g = _compile(_scaled_relu_grad)(rule, h, y, P, slope, out)  # type: ignore[misc]
     return LocalGrad(loss, g, None)
+
+
+@torch.no_grad()
+def _readout_grad(
+    rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, *, slope: float | None, out: Tensor | None
+) -> LocalGrad:
+    loss, g, g_P = rule.projected_loss_and_grads(h, y, P, out=out)
+    if slope is not None:
+        _relu_backward_(g, h, slope)
+    return LocalGrad(loss, g, None, g_P if P.requires_grad else None)
+
+
+def _readout_relu_grad(
+    h: Tensor, y: Tensor, W: Tensor, slope: float | None, out: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rule ``"learned"`` for ``torch.compile``: ``(loss, dloss/dz, dloss/dW)``, the maths of
+    :func:`~lightning_tpsgd.functional.readout_ce_grad` then the (leaky) ReLU derivative when ``slope`` is given;
+    ``dloss/dz`` is written into ``out``.
+
+    ``dloss/dh = e W`` sums over the C classes only: written as a broadcast product summed over the classes, the
+    compiler makes it, the activation's derivative and the write into ``out`` one kernel, where a matrix product
+    would be a separate library call (run eagerly, when the compiler gives up on a variant, it is the matrix
+    product). The logits and ``dloss/dW`` (sums over the features and the batch) stay matrix products.
+
+    Shape:
+        - h, out: (B, *S); y: (B,); W: (C, *S)
+        - returns: ``(scalar, same as h, same as W)``
+    """
+    B, C = h.shape[0], W.shape[0]
+    hf, Wf = h.flatten(1), W.to(h.dtype).flatten(1)
+    logits = hf @ Wf.t()
+    log_probs = logits.log_softmax(dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    loss = F.nll_loss(log_probs, y)
+    probs = log_probs.exp()
+    err = (torch.where(torch.arange(C, device=y.device) == y[:, None], probs - 1.0, probs) / B).to(h.dtype)
+    g = ((err[:, :, None] * Wf[None]).sum(dim=1) if _is_compiling() else err @ Wf).view(h.shape)  # (B, *S)
+    if slope is not None:  # h > 0 exactly where z > 0
+        g = torch.where(h > 0, g, g * slope)
+    g_W = (err.t() @ hf).to(W.dtype).view(W.shape)
+    return loss, out.copy_(g), g_W
+
+
+@torch.no_grad()
+def _fused_readout_grad(
+    rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, *, slope: float | None, out: Tensor | None
+) -> LocalGrad:
+    # always a buffer, and P as a plain tensor (the compiler keeps a parameter's shape static): fewer variants to
+    # compile, within the compiler's limit per function
+    out = torch.empty_like(h) if out is None else out
+    loss, g, g_P = _compile(_readout_relu_grad)(h, y, P.detach(), slope, out)  # type: ignore[misc]
+    return LocalGrad(loss, g, None, g_P if P.requires_grad else None)
 
 
 def _autograd_grad(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, *, slope: float | None, fused: bool) -> LocalGrad:
@@ -170,16 +228,11 @@ def _autograd_grad(rule: LocalRule, h: Tensor, y: Tensor, P: Tensor, *, slope: f
     return LocalGrad(loss.detach(), g, None, grads[1] if learned else None)  # type: ignore[union-attr]
 
 
-def _plain(t: Tensor | None) -> Tensor | None:
-    """``t`` without its autograd history (the closed-form kernels compute values only); no op when it has none."""
-    return t.detach() if t is not None and t.requires_grad else t
-
-
 def scale_(grads: Sequence[Tensor | None], scale: float | None) -> list[Tensor | None]:
     """Apply a :class:`LocalGrad`'s ``scale`` to gradients computed from its ``grad``, in place."""
     if scale is None:
         return list(grads)
-    return [None if g is None else g.mul_(scale) for g in grads]
+    return [None if g is None else g.mul_(_constant(scale, g)) for g in grads]  # = g.mul_(scale), one op
 
 
 # ---------------------------------------------------------------------- lean mode: no graph at all
@@ -234,7 +287,7 @@ def explicit_grads(
         hc, xc, yc = h[start : start + size], x[start : start + size], y[start : start + size]
         part = hc.numel() / total
         step = local_grad(rule, hc, yc, P, slope=slope, out=buffer[: hc.shape[0]])
-        g = step.grad.mul_((1.0 if step.scale is None else step.scale) * part)
+        g = step.grad.mul_(_constant((1.0 if step.scale is None else step.scale) * part, step.grad))
         weight += _weight_grad(layer, xc, g).to(weight.dtype)
         if bias is not None:
             keep = 1 if isinstance(layer, _CONV) else g.ndim - 1  # the output-feature dimension

@@ -75,7 +75,7 @@ def test_lean_mode_falls_back_to_autograd_for_other_blocks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["ce", "l2"])
+@pytest.mark.parametrize("rule", ["ce", "l2", "learned"])
 def test_compiled_local_gradient_matches_the_eager_one(rule):
     """``compile=True`` fuses loss, gradient, scale and activation derivative; the gradients stay the same."""
     grads = []
@@ -83,9 +83,46 @@ def test_compiled_local_gradient_matches_the_eager_one(rule):
         model = cnn()
         learner = LocalLearner(model, rule=rule, compile=compiled, optimizer=sgd(lr=0.0))
         learner.step(*batch())
-        grads.append([p.grad.clone() for p in model.parameters()])
+        grads.append([p.grad.clone() for p in [*model.parameters(), *learner.learned_projections()]])
+    assert len(grads[0]) == len(list(cnn().parameters())) + (2 if rule == "learned" else 0)
     for eager, fused in zip(*grads, strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_default_rule_trains_as_the_eager_one():
+    """The default rule (``learned`` readouts) with ``compile=True``: parameters and readouts after a few steps."""
+    trained = []
+    torch.compiler.reset()  # the variants other tests compiled count towards the compiler's limit per function
+    for compiled in (False, True):
+        model = cnn()
+        learner = LocalLearner(model, compile=compiled, validate=False, optimizer=sgd(lr=0.1))
+        for seed in range(4):
+            learner.step(*batch(seed=seed))
+        trained.append([p.detach().clone() for p in [*model.parameters(), *learner.learned_projections()]])
+    assert len(trained[0]) == len(list(cnn().parameters())) + 2  # two hidden blocks, one readout each
+    for eager, fused in zip(*trained, strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slope", [None, 0.0, 0.1])
+@pytest.mark.parametrize("into_buffer", [False, True], ids=["new", "out"])
+def test_fused_readout_kernel_equals_the_eager_one(slope, into_buffer):
+    """``local_grad(..., fused=True)`` for rule ``learned``: the same loss and gradients as the eager closed form."""
+    g = torch.Generator().manual_seed(2)
+    h, y = F.leaky_relu(torch.randn(6, 3, 4, 4, generator=g), slope or 0.0), torch.randint(0, 5, (6,), generator=g)
+    W = (0.1 * torch.randn(5, 3, 4, 4, generator=g)).requires_grad_()
+    rule = create_rule("learned")
+    steps = []
+    for fused in (False, True):
+        out = torch.empty_like(h) if into_buffer else None
+        steps.append(local_grad(rule, h, y, W, slope=slope, out=out, fused=fused))
+        assert not into_buffer or steps[-1].grad.data_ptr() == out.data_ptr()
+    eager, fused = steps
+    assert eager.scale is None and fused.scale is None
+    for a, b in [(eager.loss, fused.loss), (eager.grad, fused.grad), (eager.grad_P, fused.grad_P)]:
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("rule", ["l2", "l1", "ce", "drtp"])
@@ -106,6 +143,28 @@ def test_every_kernel_of_the_dispatch_gives_autograds_gradient(rule, slope):
     autograd = local_grad(CallableRule(lambda out, t: rule.projected_loss(out, y, P)), h, y, P, slope=slope)
     torch.testing.assert_close(autograd.grad, expected)
     assert autograd.scale is None and autograd.grad_P is None
+
+
+@pytest.mark.parametrize("slope", [None, 0.0, 0.1])
+@pytest.mark.parametrize("into_buffer", [False, True], ids=["new", "out"])
+def test_learned_readouts_closed_form_gives_autograds_gradients(slope, into_buffer):
+    """Rule ``learned``: the closed-form kernel gives autograd's gradient for the block output (through the (leaky)
+    ReLU when ``slope`` is given) and for the readout, already scaled; a frozen readout gets none."""
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(7, 2, 3, 3, generator=g), torch.randint(0, 4, (7,), generator=g)
+    W = torch.randn(4, 2, 3, 3, generator=g).requires_grad_()
+    rule = create_rule("learned")
+    leaf = z.clone().requires_grad_()
+    h = leaf if slope is None else F.leaky_relu(leaf, slope)
+    loss = rule.projected_loss(h, y, W)
+    expected = torch.autograd.grad(loss, [leaf, W])
+    out = torch.empty_like(z) if into_buffer else None
+    step = local_grad(rule, h.detach(), y, W, slope=slope, out=out)
+    assert step.scale is None and (not into_buffer or step.grad.data_ptr() == out.data_ptr())
+    torch.testing.assert_close(step.loss, loss.detach())
+    torch.testing.assert_close(step.grad, expected[0])
+    torch.testing.assert_close(step.grad_P, expected[1])
+    assert local_grad(rule, h.detach(), y, W.detach(), slope=slope).grad_P is None
 
 
 def test_the_target_form_and_a_learned_projection():
