@@ -136,10 +136,11 @@ class TPSGDConfig:
         False,
         "fuse each block's local loss and gradient with ``torch.compile``: for the closed-form rules (``ce``, ``l1``, "
         '``l2``, ``drtp``) rule, scale and activation derivative; for ``learned`` (what ``"auto"`` picks for '
-        "Linear/Conv blocks) the readout loss and its backward. On the CPU proxy "
-        "(``benchmarks/results/steps.md``) a step dispatches 1.04-1.08× backprop's aten ops with "
-        '``rule="ce"`` (about 3× without) and 1.20-1.29× with the default (1.9-2.2× without). Needs Triton on a GPU '
-        "or a C++ compiler on the CPU; the first batches pay the compilation (about 30 s on 2 CPU cores)",
+        "Linear/Conv blocks) the readout's loss, its closed-form gradients for the block and the readout, and the "
+        "activation derivative. On the CPU proxy (``benchmarks/results/steps.md``) a step dispatches 0.98-1.00× "
+        'backprop\'s aten ops with ``rule="ce"`` (1.7-2.1× without) and 1.00-1.03× with the default (1.5-1.8× '
+        "without). Needs Triton on a GPU or a C++ compiler on the CPU; the first batches pay the compilation (about "
+        "30 s on 2 CPU cores)",
     )
     blocks: BlockSpec = _option(
         None,
