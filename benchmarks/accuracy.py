@@ -131,13 +131,14 @@ TARGETS = {"mnist/mlp2": 96.5, "mnist/cnn2": 98.0, "cifar10/cnn2": 55.0}  # issu
 
 def library_defaults(recurrent: bool = False) -> dict[str, str]:
     """The library defaults a ``tpsgd`` run depends on (a run made under others is measured again); for the
-    recurrent rows also the rule ``"auto"`` gives the RNN."""
+    recurrent rows also the rule ``"auto"`` gives the RNN and its input init, on which every method's run depends."""
     from lightning_tpsgd import TPSGDStrategy
     from lightning_tpsgd.nn import RNN
 
     params = inspect.signature(TPSGDStrategy).parameters
     found = {"rule": str(params["rule"].default), "target_scale": str(params["target_scale"].default)}
-    return {**found, "rnn_auto_rule": RNN.tpsgd_auto_rule} if recurrent else found
+    init = str(inspect.signature(RNN).parameters["input_init_scale"].default)
+    return {**found, "rnn_auto_rule": RNN.tpsgd_auto_rule, "rnn_input_init": init} if recurrent else found
 
 
 class BlockRecorder(L.Callback):
@@ -166,16 +167,18 @@ def run_one(row: Row, method: str, seed: int, data_dir: str, quick: bool) -> dic
     out = H.fit(module, dm, method, 1 if quick else row.epochs, callbacks=[recorder], limit_val_batches=0)
     if recorder.blocks:
         out["blocks"] = recorder.blocks
-    return {**out, **({"defaults": library_defaults(row.recurrent)} if method == "tpsgd" else {})}
+    return {**out, **({"defaults": library_defaults(row.recurrent)} if method == "tpsgd" or row.recurrent else {})}
 
 
 def jobs(store: H.Store, suite: str, rows: list[str], methods: list[str], args: Any) -> Iterator[H.Job]:
     for seed, name, method in itertools.product(H.seeds(args), rows, methods):  # every row's first seed first
         key = f"{name}/{method}/{seed}"
-        found = library_defaults(SUITES[suite][name].recurrent)
-        if method == "tpsgd" and key in store.runs and store.runs[key].get("defaults", found) != found:
+        row = SUITES[suite][name]
+        found = library_defaults(row.recurrent)
+        stale = key in store.runs and store.runs[key].get("defaults", {} if row.recurrent else found) != found
+        if (method == "tpsgd" or row.recurrent) and stale:
             store.runs[f"superseded/{key}@{len(store.select(f'superseded/{key}@*'))}"] = store.runs.pop(key)
-        yield key, partial(run_one, SUITES[suite][name], method, seed, args.data_dir, args.quick)
+        yield key, partial(run_one, row, method, seed, args.data_dir, args.quick)
 
 
 def _bar(delta: float, need: float) -> str:
@@ -199,7 +202,8 @@ def defaults_report(store: H.Store) -> list[str]:
         bars = [_bar(d_ctrl, BARS["control"]), _bar(d_bp, -need)]
         table.append([f"{row.dataset} · {row.title}", epochs(row), *cells, *bars])
     header = ["row", "epochs", "tpsgd (defaults)", "backprop", "random features (control)", "default − control"]
-    defaults = ", ".join(sorted({str(r["defaults"]) for r in store.runs.values() if "defaults" in r})) or "–"
+    current = [r for k, r in store.runs.items() if "defaults" in r and not k.startswith("superseded/")]
+    defaults = ", ".join(sorted({str(r["defaults"]) for r in current})) or "–"
     lines = ["Plain LightningModules as a user writes them, each trained three ways with the same epochs (Adam, lr"]
     lines += ['1e-3, batch 128): `Trainer(strategy="tpsgd")`, backpropagation and the control; a seeded 20,000-image']
     lines += [f"training subset per seed, the full test set. Library defaults of the `tpsgd` column: {defaults}.", ""]
@@ -208,11 +212,7 @@ def defaults_report(store: H.Store) -> list[str]:
     lines += ["Bars missed: " + "; ".join(misses) + "." if misses else "Every measured row meets both bars.", ""]
     cand = [[r, f"`{m}`", H.mean_std(acc[r, m], n=True), H.signed(diff(r, m, "bp")), H.signed(diff(r, m, "control"))]
             for r in rows for m in sorted({m for _, m in acc} - set(METHODS["defaults"])) if acc[r, m]]  # fmt: skip
-    lines += [
-        "## Candidate defaults",
-        "",
-        "`tpsgd-<rule>[@<target_scale>][,<option>=<value>]`, same models and epochs.",
-    ]
+    lines += ["## Candidate defaults", "", "`tpsgd-<rule>[@<target_scale>][,<option>=<value>]`, same models, epochs."]
     lines += ["", *H.md_table(["row", "method", "accuracy", "− backprop", "− control"], cand)] if cand else []
     lines += ["How the default strategy configured each model's blocks (rule @ the module whose output meets it):", ""]
     for r in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -181,8 +182,14 @@ def test_init_zeros_and_uniform_scale():
     assert all((p == 0).all() for p in RNN(F_IN, H, init="zeros").parameters())
     rnn = RNN(F_IN, H, init_scale=0.01)
     assert all(p.abs().max() <= 0.01 for p in rnn.parameters())
-    default = RNN(F_IN, 16)
-    assert all(p.abs().max() <= 0.25 for p in default.parameters())  # 1/sqrt(16), as torch.nn.RNN
+    torch.manual_seed(0)
+    default = RNN(64, 16, num_layers=2, bidirectional=True)  # first input weights: sqrt(3/F); the rest 1/sqrt(H)
+    for name, p in default.named_parameters():
+        bound = math.sqrt(3 / 64) if name.startswith("weight_ih_l0") else 0.25
+        assert p.abs().max() <= bound and p.abs().max() > bound / 2, name
+    as_torch = RNN(64, 16, num_layers=2, input_init_scale=None)  # torch.nn.RNN's init: 1/sqrt(H) everywhere
+    assert all(p.abs().max() <= 0.25 for p in as_torch.parameters())
+    assert as_torch.weight_ih_l0.abs().max() > 0.2
     torch.manual_seed(0)
     split = RNN(F_IN, 64, num_layers=2, bidirectional=True, init_scale=0.01, input_init_scale=2.0, bias_init_scale=3.0)
     for name, p in split.named_parameters():
@@ -558,6 +565,7 @@ BAD_OPTIONS = [
     (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
     (dict(init_scale=-1.0), ValueError, r"init_scale must be a finite number >= 0"),
     (dict(input_init_scale=float("nan")), ValueError, r"input_init_scale must be a finite number >= 0"),
+    (dict(input_init_scale="lecun"), ValueError, r"input_init_scale must be a number, 'fan_in' or None"),
     (dict(bias_init_scale=-0.5), ValueError, r"bias_init_scale must be a finite number >= 0"),
 ]
 
