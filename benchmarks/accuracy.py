@@ -136,7 +136,7 @@ def library_defaults(recurrent: bool = False) -> dict[str, str]:
     from lightning_tpsgd.nn import RNN
 
     params = inspect.signature(TPSGDStrategy).parameters
-    found = {"rule": str(params["rule"].default), "target_scale": str(params["target_scale"].default)}
+    found = {k: str(params[k].default) for k in ("rule", "target_scale", "readout_lr")}
     init = str(inspect.signature(RNN).parameters["input_init_scale"].default)
     return {**found, "rnn_auto_rule": RNN.tpsgd_auto_rule, "rnn_input_init": init} if recurrent else found
 

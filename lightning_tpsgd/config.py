@@ -160,6 +160,13 @@ class TPSGDConfig:
         "token sequences (B, L, D) are averaged over the tokens",
     )
 
+    readout_lr: float | str = _option(
+        "auto",
+        'learning rate of each learned readout (rule ``"learned"``, what ``"auto"`` picks) relative to its block\'s: '
+        'a positive number, or ``"auto"``: 3 for Linear blocks, 1 for Conv blocks, recurrent layers and ``blocks=`` '
+        "(measured on models written as users write them, ``benchmarks/results/defaults.md``)",
+    )
+
     def __post_init__(self) -> None:
         if self.rule != "auto":
             create_rule(self.rule)  # unknown names, wrong types: the registry's error lists the valid ones
@@ -187,6 +194,10 @@ class TPSGDConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if _check_int("check_every", self.check_every) < 1:
             raise ValueError(f"check_every must be a positive number of steps, got {self.check_every}.")
+        if isinstance(self.readout_lr, str) and self.readout_lr != "auto":
+            raise ValueError(f'readout_lr must be a positive number or "auto", got {self.readout_lr!r}.')
+        if self.readout_lr != "auto":
+            _check_scale("readout_lr", self.readout_lr)
         check_block_spec(self.blocks)
         if _check_int("block_pool", self.block_pool) < 1:
             raise ValueError(f"block_pool must be a positive int (the side of the pooled grid), got {self.block_pool}.")

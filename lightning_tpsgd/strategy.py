@@ -259,6 +259,7 @@ class TPSGDStrategy(_LocalLearning, ParallelStrategy):
         compile: bool = False,
         blocks: BlockSpec = None,
         block_pool: int = 2,
+        readout_lr: float | str = "auto",
         device: str | torch.device | None = None,
         accelerator: Any | None = None,
         checkpoint_io: Any | None = None,
@@ -366,6 +367,7 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
         compile: bool = False,
         blocks: BlockSpec = None,
         block_pool: int = 2,
+        readout_lr: float | str = "auto",
         **ddp_kwargs: Any,
     ) -> None:
         config = TPSGDConfig.from_options(locals())

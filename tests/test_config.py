@@ -40,6 +40,8 @@ BAD_OPTIONS = [
     ({"overrides": {"1": {"rule": "l1", "lr": 1}}}, ValueError, r"overrides\['1'\] has unknown keys \['lr'\]"),
     ({"overrides": {"1": {"target": "mid"}}}, ValueError, r"Invalid target in overrides\['1'\] 'mid'"),
     ({"overrides": {"1": {"target_scale": -1}}}, ValueError, r"target_scale in overrides\['1'\] must be positive"),
+    ({"readout_lr": 0}, ValueError, r"readout_lr must be positive and finite, got 0"),
+    ({"readout_lr": "fast"}, ValueError, r"readout_lr must be a positive number or \"auto\", got 'fast'"),
     ({"overrides": {"1": {"rule": "l7"}}}, ValueError, "Unknown rule 'l7'"),
     ({"lean": True, "rule": "learned"}, ValueError, "rule='learned' learns its projection, which lean=True"),
 ]

@@ -374,7 +374,8 @@ def test_learned_projections_train_with_the_module_optimizer_and_resume_exactly(
 
 def test_the_default_rule_trains_under_a_scheduler_that_walks_every_group():
     """``rule="auto"`` adds a readout per Linear/Conv block to the optimizer after ``configure_optimizers``: the
-    group copies its block's settings, ``initial_lr`` included, so ``OneCycleLR`` can step it."""
+    group copies its block's settings, ``initial_lr`` included, so ``OneCycleLR`` can step it; its learning rates
+    are ``readout_lr`` times its block's ("auto": 1 for the Conv block net.0, 3 for the Linear block net.3)."""
 
     class OneCycleNet(AdamNet):
         def configure_optimizers(self):
@@ -384,13 +385,14 @@ def test_the_default_rule_trains_under_a_scheduler_that_walks_every_group():
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[3e-3, 1e-2], total_steps=8)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    model = OneCycleNet()
-    t = trainer(strategy="tpsgd", max_epochs=2)
-    t.fit(model, loader())
-    groups = t.optimizers[0].param_groups
-    assert len(groups) == 4  # the module's two groups, then the readouts of net.0 and net.3
-    assert groups[2]["max_lr"] == 3e-3 and groups[3]["max_lr"] == 1e-2  # each follows its block's group
-    assert groups[2]["lr"] == groups[0]["lr"] and groups[3]["lr"] == groups[1]["lr"]  # scheduled alike
+    for readout_lr, conv, linear in (("auto", 1.0, 3.0), (1.0, 1.0, 1.0), (0.5, 0.5, 0.5)):
+        t = trainer(strategy=TPSGDStrategy(readout_lr=readout_lr), max_epochs=2)
+        t.fit(OneCycleNet(), loader())
+        groups = t.optimizers[0].param_groups
+        assert len(groups) == 4  # the module's two groups, then the readouts of net.0 and net.3
+        assert groups[2]["max_lr"] == pytest.approx(conv * 3e-3) and groups[3]["max_lr"] == pytest.approx(linear * 1e-2)
+        assert groups[2]["lr"] == pytest.approx(conv * groups[0]["lr"])  # scheduled alike
+        assert groups[3]["lr"] == pytest.approx(linear * groups[1]["lr"])
 
 
 @pytest.mark.slow

@@ -117,7 +117,7 @@ class LocalLearner:
         self.loss_fn = loss_fn
         self.grad_sync = grad_sync
         self._schedule = Schedule(config.schedule, config.epochs_per_layer, len(self.hidden) + 1)
-        self._store = ProjectionStore(config.seed, config.lean)
+        self._store = ProjectionStore(config.seed, config.lean, config.readout_lr)
         self._checks = DeferredChecks(config.check_every)
         self._graphs = GraphedSteps(self._step, self._after_replay) if cuda_graph else None
         self._state = StepState()  # the current training step

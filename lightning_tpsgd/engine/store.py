@@ -29,11 +29,13 @@ class ProjectionStore:
         seed: seeds every projection (:meth:`key`).
         lean: regenerate projections from the seed at every use instead of keeping them (except restored ones the
             seed does not reproduce: those are *pinned*, i.e. kept).
+        readout_lr: a learned projection's learning rate relative to its block's (``"auto"``: :func:`readout_lr`).
     """
 
-    def __init__(self, seed: int, lean: bool) -> None:
+    def __init__(self, seed: int, lean: bool, readout_lr: float | str = "auto") -> None:
         self.seed = int(seed)
         self.lean = bool(lean)
+        self.readout_lr = readout_lr
         self.projections: dict[str, Projection] = {}
         self.optimizers: list[torch.optim.Optimizer] = []  # receive the learned projections as param groups
         self._loaded: dict[str, Tensor] = {}  # from a checkpoint, until their block first runs
@@ -160,7 +162,10 @@ class ProjectionStore:
         projection.P = nn.Parameter(P.detach().clone(), requires_grad=block.params[0].requires_grad)
         block.params.append(projection.P)
         for optimizer in self.optimizers:
-            optimizer.add_param_group(_group_like(optimizer, block.params[0], projection.P))
+            optimizer.add_param_group(self._group(optimizer, block, projection.P))
+
+    def _group(self, optimizer: torch.optim.Optimizer, block: Block, P: Tensor) -> dict[str, Any]:
+        return _group_like(optimizer, block.params[0], P, readout_lr(block, self.readout_lr))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, hidden: Sequence[Block]) -> None:
         """Let ``optimizer`` train the learned projections (see ``LocalLearner.attach_optimizer``)."""
@@ -169,7 +174,7 @@ class ProjectionStore:
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for block, P in learned(hidden):
             if id(P) not in owned:
-                optimizer.add_param_group(_group_like(optimizer, block.params[0], P))
+                optimizer.add_param_group(self._group(optimizer, block, P))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Tensor]:
@@ -201,6 +206,14 @@ class ProjectionStore:
                 self.local(block, name.split(":", 1)[1], tuple(P.shape[1:]), None, None, P.shape[0])
 
 
+def readout_lr(block: Block, option: float | str = "auto") -> float:
+    """A learned projection's learning rate relative to its block's: ``option``, or for ``"auto"`` 3 for a Linear
+    block (closer to backprop on MLPs, ``benchmarks/results/defaults.md``) and 1 for any other."""
+    if option != "auto":
+        return float(option)
+    return 3.0 if isinstance(block.layer, nn.Linear) else 1.0
+
+
 def learned(hidden: Sequence[Block]) -> list[tuple[Block, nn.Parameter]]:
     """The learned projections of ``hidden`` with their blocks, in block order (a LocalModule's readouts last)."""
     pairs = []
@@ -215,13 +228,23 @@ def _learns(block: Block) -> bool:
     return block.rule is not None and block.rule.learns_projection
 
 
-def _group_like(optimizer: torch.optim.Optimizer, param: Tensor, P: Tensor) -> dict[str, Any]:
-    """A parameter group for ``P`` with the settings of ``param``'s group (all but its parameters).
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 
-    Copying the scheduler's entries too (``initial_lr``, ``max_lr``, ...) lets a scheduler that walks every
-    group (``OneCycleLR``) step a group added after it was built.
+
+def _group_like(optimizer: torch.optim.Optimizer, param: Tensor, P: Tensor, lr_scale: float = 1.0) -> dict[str, Any]:
+    """A parameter group for ``P`` with the settings of ``param``'s group (all but its parameters), its learning
+    rates (``lr`` and a scheduler's ``initial_lr``, ``max_lr``, ``min_lr``) times ``lr_scale``.
+
+    Copying the scheduler's entries too lets a scheduler that walks every group (``OneCycleLR``) step a group
+    added after it was built.
     """
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
-            return {**{k: v for k, v in group.items() if k != "params"}, "params": [P]}
-    return {"params": [P]}
+            settings = {k: v for k, v in group.items() if k != "params"}
+            break
+    else:
+        settings = {"lr": optimizer.defaults["lr"]} if "lr" in optimizer.defaults else {}
+    for k in _LR_KEYS:
+        if isinstance(settings.get(k), (int, float)) and not isinstance(settings[k], bool):
+            settings[k] = settings[k] * lr_scale
+    return {**settings, "params": [P]}

@@ -120,3 +120,18 @@ def test_learned_projection_and_its_optimizer_state_resume_exactly():
         assert torch.equal(a, b)
     for a, b in zip(reference.learned_projections(), resumed.learned_projections(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_readout_lr_scales_a_learned_readout_by_its_block_kind():
+    """``readout_lr="auto"``: a Linear block's readout learns at 3× its block's rate, a Conv block's at 1×;
+    a number applies to every block."""
+    from lightning_tpsgd.engine.store import readout_lr
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 10)
+    )
+    for option, conv, linear in (("auto", 1.0, 3.0), (0.5, 0.5, 0.5)):
+        learner = LocalLearner(model, readout_lr=option, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        learner.step(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+        assert [readout_lr(b, option) for b in learner.hidden] == [conv, linear]
+        assert [g["lr"] for g in learner.optimizer.param_groups[1:]] == pytest.approx([0.1 * conv, 0.1 * linear])
