@@ -131,12 +131,15 @@ TARGETS = {"mnist/mlp2": 96.5, "mnist/cnn2": 98.0, "cifar10/cnn2": 55.0}  # issu
 
 def library_defaults(recurrent: bool = False) -> dict[str, str]:
     """The library defaults a ``tpsgd`` run depends on (a run made under others is measured again); for the
-    recurrent rows also the rule ``"auto"`` gives the RNN and its input init, on which every method's run depends."""
+    recurrent rows also the rule ``"auto"`` gives the RNN and its input init, on which every method's run depends
+    (backprop's and the control's only through the init)."""
     from lightning_tpsgd import TPSGDStrategy
     from lightning_tpsgd.nn import RNN
+    from lightning_tpsgd.rules import create_rule
 
     params = inspect.signature(TPSGDStrategy).parameters
     found = {k: str(params[k].default) for k in ("rule", "target_scale", "readout_lr")}
+    found["readout_init"] = create_rule("learned").init
     init = str(inspect.signature(RNN).parameters["input_init_scale"].default)
     return {**found, "rnn_auto_rule": RNN.tpsgd_auto_rule, "rnn_input_init": init} if recurrent else found
 
@@ -175,8 +178,9 @@ def jobs(store: H.Store, suite: str, rows: list[str], methods: list[str], args: 
         key = f"{name}/{method}/{seed}"
         row = SUITES[suite][name]
         found = library_defaults(row.recurrent)
-        stale = key in store.runs and store.runs[key].get("defaults", {} if row.recurrent else found) != found
-        if (method == "tpsgd" or row.recurrent) and stale:
+        used = found if method == "tpsgd" else {k: found[k] for k in found if k == "rnn_input_init"}  # backprop's
+        stored = store.runs.get(key, {}).get("defaults", {})
+        if key in store.runs and {k: stored.get(k) for k in used} != used:
             store.runs[f"superseded/{key}@{len(store.select(f'superseded/{key}@*'))}"] = store.runs.pop(key)
         yield key, partial(run_one, row, method, seed, args.data_dir, args.quick)
 

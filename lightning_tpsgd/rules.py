@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from . import functional as TF
@@ -218,26 +219,37 @@ class LearnedCE(LocalRule):
     r"""tpSGD with a learned projection: cross-entropy of a linear readout of the block output.
 
     .. math:: J_i = \operatorname{CE}\big(\langle h_i, W_{i,c} \rangle_{c=1..C},\ y^*\big),
-       \qquad W_i \leftarrow P_i / \sqrt{F_i} \text{ at the first batch}
+       \qquad W_i \leftarrow 0 \text{ at the first batch}
 
-    The block's projection ``P_i`` (``(C, *S)``, ``F_i`` elements per class) starts as the fixed random
-    projection scaled to unit-variance logits and is then trained *with the block*, on the same local loss:
-    each hidden block is a greedy classifier with its own linear head (Belilovsky et al. 2019, decoupled
-    greedy learning), and no gradient crosses blocks. With a fixed ``W`` (``rule="ce"`` without the cosine)
-    the block is pulled towards ``C`` random directions of its whole output; learning the readout lets it
-    keep the features that are linearly predictive of the class wherever they occur.
+    The block's readout ``W_i`` (``(C, *S)``, ``F_i`` elements per class) is trained *with the block*, on the same
+    local loss: each hidden block is a greedy classifier with its own linear head (Belilovsky et al. 2019,
+    decoupled greedy learning), and no gradient crosses blocks. It starts at zero, so a block's first update comes
+    from a readout already fitted to its features, rather than pulling them towards ``C`` random directions of its
+    whole output: on the user-style models of ``benchmarks/results/defaults.md`` this is within 0.5 points of the
+    random start or better on every row, and 1.3 points better on CIFAR-10's MLP with BatchNorm. ``init="projection"``
+    starts from the block's fixed random projection scaled to unit-variance logits, ``P_i / \sqrt{F_i}``.
 
     .. note:: Not in the paper. On CIFAR-10 it is the only rule of the library that trains the shallow CNN's
        convolutions better than random ones (see the README results). The readout ``W_i`` (``C · F_i``
        numbers per block) is only used for training: it joins the optimizer as an extra parameter group,
        with the settings of its block's group, and is saved in the learner's (and the checkpoint's)
        ``"tpsgd"`` state. It is not used at inference.
+
+    Args:
+        init: the readout's start, ``"zeros"`` (default) or ``"projection"``.
     """
 
     learns_projection = True
     closed_form_readout = True
 
+    def __init__(self, init: str = "zeros") -> None:
+        if init not in ("zeros", "projection"):
+            raise ValueError(f"Invalid init {init!r} for the learned readout; choose 'zeros' or 'projection'.")
+        self.init = init
+
     def init_projection(self, P: Tensor) -> Tensor:
+        if self.init == "zeros":
+            return torch.zeros_like(P)
         return P / math.sqrt(math.prod(P.shape[1:]))
 
     def loss(self, h: Tensor, t: Tensor) -> Tensor:
@@ -255,7 +267,7 @@ class LearnedCE(LocalRule):
         return TF.readout_ce_grad(h, y, P, out=out)
 
     def __repr__(self) -> str:
-        return "LearnedCE()"
+        return f"LearnedCE(init={self.init!r})"
 
 
 class CallableRule(LocalRule):

@@ -33,7 +33,7 @@ def test_ce_rule_needs_all_class_targets():
         TPSGDCE(kappa=0)
 
 
-def test_learned_rule_is_a_linear_readout_initialised_from_the_projection():
+def test_learned_rule_is_a_linear_readout_starting_at_zero_or_from_the_projection():
     rule = create_rule("learned")
     assert isinstance(rule, LearnedCE) and rule.learns_projection and not rule.closed_form
     h, y, W = torch.randn(3, 2, 4, 4), torch.tensor([0, 3, 3]), torch.randn(5, 2, 4, 4)
@@ -41,7 +41,11 @@ def test_learned_rule_is_a_linear_readout_initialised_from_the_projection():
     torch.testing.assert_close(rule.projected_loss(h, y, W), expected)
     torch.testing.assert_close(TF.readout_ce(h, y, W), expected)
     P = torch.full((5, 2, 4, 4), 2.0)
-    torch.testing.assert_close(rule.init_projection(P), P / 32**0.5)  # logits of unit scale for unit-RMS h
+    assert rule.init == "zeros" and torch.equal(rule.init_projection(P), torch.zeros_like(P))
+    projected = LearnedCE(init="projection")
+    torch.testing.assert_close(projected.init_projection(P), P / 32**0.5)  # logits of unit scale for unit-RMS h
+    with pytest.raises(ValueError, match="choose 'zeros' or 'projection'"):
+        LearnedCE(init="normal")
     assert all(not r.learns_projection for r in map(create_rule, ["ce", "l1", "l2", "drtp"]))
     with pytest.raises(TypeError, match="needs the labels and the readout"):
         rule.loss(h, W[y])

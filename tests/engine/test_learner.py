@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_tpsgd import LocalLearner
 from lightning_tpsgd.functional import readout_ce, tpsgd_l2
+from lightning_tpsgd.rules import LearnedCE
 
 
 def test_hidden_gradients_come_only_from_the_local_loss():
@@ -71,11 +72,12 @@ def test_every_rule_trains_every_block(rule):
     assert changed[0] and all(changed[2:])  # changed[1]: a conv bias before batch norm has zero gradient
 
 
-def test_learned_projection_starts_at_the_fixed_one_and_trains_with_its_block():
+@pytest.mark.parametrize("init", ["zeros", "projection"])
+def test_learned_projection_starts_at_zero_or_the_fixed_one_and_trains_with_its_block(init):
     fixed = LocalLearner(cnn(), rule="ce", seed=2)
     fixed.step(*batch())
     model = cnn()
-    learner = LocalLearner(model, rule="learned", seed=2, optimizer=sgd())
+    learner = LocalLearner(model, rule=LearnedCE(init=init), seed=2, optimizer=sgd())
     x, y = batch()
     inputs = model[3](model[2](model[1](model[0](x)))).detach()  # what block "4" sees
     learner.step(x, y)
@@ -83,9 +85,10 @@ def test_learned_projection_starts_at_the_fixed_one_and_trains_with_its_block():
     assert len(groups) == 3 and [g["params"] for g in groups[1:]] == [[P] for P in learner.learned_projections()]
     for block, ref in zip(learner.hidden, fixed.hidden, strict=True):
         W, P = block.projection.P, ref.projection.P
+        start = torch.zeros_like(P) if init == "zeros" else P / P[0].numel() ** 0.5
         assert isinstance(W, nn.Parameter) and block.params[-1] is W
-        assert not torch.equal(W, P / P[0].numel() ** 0.5)  # one SGD step moved it
-        torch.testing.assert_close(W + 0.1 * W.grad, P / P[0].numel() ** 0.5)
+        assert not torch.equal(W, start)  # one SGD step moved it
+        torch.testing.assert_close(W + 0.1 * W.grad, start)
     # the gradients of block "4" and its readout are those of its own loss on its detached input
     block = learner.hidden[1]
     W0 = (block.projection.P + 0.1 * block.projection.P.grad).detach().requires_grad_()
@@ -94,6 +97,10 @@ def test_learned_projection_starts_at_the_fixed_one_and_trains_with_its_block():
     expected = torch.autograd.grad(readout_ce(conv(inputs), y, W0), [*conv.parameters(), W0])
     for p, g in zip(block.params, expected, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+    # a zero-started readout gives its block no gradient on the first step; the second step trains both
+    assert (block.params[0].grad.abs().max() == 0) == (init == "zeros")
+    learner.step(x, y)
+    assert block.params[0].grad.abs().max() > 0
 
 
 def test_learned_projection_needs_an_optimizer_and_a_stored_projection():

@@ -30,7 +30,7 @@ def test_state_dict_restores_projections_before_and_after_build():
 def test_projections_are_seeded_and_independent_of_global_rng():
     def projection(seed, global_seed):
         torch.manual_seed(global_seed)
-        learner = LocalLearner(cnn(), seed=seed)
+        learner = LocalLearner(cnn(), rule="ce", seed=seed)
         learner.step(*batch())
         return learner.hidden[0].projection.P
 

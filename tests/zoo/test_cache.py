@@ -44,7 +44,8 @@ def test_cache_returns_each_samples_own_features(shuffle, directory, tmp_path):
         for (x,) in loader:
             got = cache.get(x, net.extract)
             want = net.extract(x)
-            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+            for g, w in zip(got, want, strict=True):  # a batch of other samples may round differently (1 thread)
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
         assert (cache.misses, cache.hits) == (30, 30 * epoch)
     row_bytes = (32 * 4 * 4 + 64) * 4
     assert len(cache) == 30 and cache.nbytes == 8 * 4 * row_bytes  # 8 chunks of 4 rows: no over-allocation
