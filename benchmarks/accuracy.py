@@ -51,8 +51,7 @@ def user_model(kind: str, chans: int = 1, size: int = 28) -> Any:
         + [nn.Linear(32 * (size // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, 10)],
     }  # fmt: skip
     if kind in nets:
-        layers = nets[kind]()
-        return Classifier(nn.Sequential(*([] if kind.startswith("cnn") else [nn.Flatten()]), *layers))
+        return Classifier(nn.Sequential(*([] if kind.startswith("cnn") else [nn.Flatten()]), *nets[kind]()))
 
     class TutorialNet(Classifier):
         """The PyTorch CIFAR-10 tutorial's network: its activations are ``F.relu`` calls in ``forward``."""
@@ -74,8 +73,7 @@ def user_model(kind: str, chans: int = 1, size: int = 28) -> Any:
             from lightning_tpsgd.nn import RNN
 
             super().__init__()
-            options = dict(num_layers=num_layers, bidirectional=bidirectional, nonlinearity="tanh")
-            self.rnn = RNN(28, 256, batch_first=True, **options)
+            self.rnn = RNN(28, 256, num_layers, batch_first=True, bidirectional=bidirectional, nonlinearity="tanh")
             self.directions = 2 if bidirectional else 1
             self.head = nn.Linear(256 * self.directions, 10)
 
@@ -131,17 +129,16 @@ TARGETS = {"mnist/mlp2": 96.5, "mnist/cnn2": 98.0, "cifar10/cnn2": 55.0}  # issu
 
 def library_defaults(recurrent: bool = False) -> dict[str, str]:
     """The library defaults a ``tpsgd`` run depends on (a run made under others is measured again); for the
-    recurrent rows also the rule ``"auto"`` gives the RNN and its input init, on which every method's run depends
-    (backprop's and the control's only through the init)."""
+    recurrent rows also the rule ``"auto"`` gives the RNN and its input init (on which every method's run depends)."""
     from lightning_tpsgd import TPSGDStrategy
     from lightning_tpsgd.nn import RNN
     from lightning_tpsgd.rules import create_rule
 
     params = inspect.signature(TPSGDStrategy).parameters
     found = {k: str(params[k].default) for k in ("rule", "target_scale", "readout_lr")}
-    found["readout_init"] = create_rule("learned").init
+    found |= {"readout_init": create_rule("learned").init}
     init = str(inspect.signature(RNN).parameters["input_init_scale"].default)
-    return {**found, "rnn_auto_rule": RNN.tpsgd_auto_rule, "rnn_input_init": init} if recurrent else found
+    return {**found, "rnn_auto_rule": repr(RNN.tpsgd_auto_rule), "rnn_input_init": init} if recurrent else found
 
 
 class BlockRecorder(L.Callback):
@@ -178,9 +175,8 @@ def jobs(store: H.Store, suite: str, rows: list[str], methods: list[str], args: 
         key = f"{name}/{method}/{seed}"
         row = SUITES[suite][name]
         found = library_defaults(row.recurrent)
-        used = found if method == "tpsgd" else {k: found[k] for k in found if k == "rnn_input_init"}  # backprop's
-        stored = store.runs.get(key, {}).get("defaults", {})
-        if key in store.runs and {k: stored.get(k) for k in used} != used:
+        used = found if method == "tpsgd" else {k: v for k, v in found.items() if k == "rnn_input_init"}  # bp's
+        if key in store.runs and {k: store.runs[key].get("defaults", {}).get(k) for k in used} != used:
             store.runs[f"superseded/{key}@{len(store.select(f'superseded/{key}@*'))}"] = store.runs.pop(key)
         yield key, partial(run_one, row, method, seed, args.data_dir, args.quick)
 

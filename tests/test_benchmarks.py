@@ -111,7 +111,7 @@ def test_a_default_run_made_under_other_defaults_is_measured_again(tmp_path, mon
 def test_recurrent_rows_record_the_rule_auto_gives_the_rnn():
     from lightning_tpsgd.nn import RNN
 
-    assert accuracy.library_defaults(recurrent=True)["rnn_auto_rule"] == RNN.tpsgd_auto_rule
+    assert accuracy.library_defaults(recurrent=True)["rnn_auto_rule"] == repr(RNN.tpsgd_auto_rule)
     assert "rnn_auto_rule" not in accuracy.library_defaults()  # feedforward runs are not re-measured for it
 
 

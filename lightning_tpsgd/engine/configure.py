@@ -31,14 +31,15 @@ __all__ = [
 #: The rule ``rule="auto"`` (the default) gives each kind of hidden block, chosen by measurement on models
 #: written as users write them (``benchmarks/defaults.py``; README, "Rules, and why the default is auto").
 #: ``"lean"``: every block in lean mode, which stores no projection and so cannot learn one. A
-#: :class:`~lightning_tpsgd.nn.LocalModule` names its own in ``tpsgd_auto_rule`` (``"learned"`` for the RNN).
+#: :class:`~lightning_tpsgd.nn.LocalModule` names its own in ``tpsgd_auto_rule`` (for the RNN, ``"learned"`` with
+#: the readouts starting at the projection: ``LearnedCE(init="projection")``).
 AUTO_RULES: dict[str, str] = {"linear": "learned", "conv": "learned", "lean": "ce"}
 
 
-def auto_rule(block: Block, lean: bool) -> str:
+def auto_rule(block: Block, lean: bool) -> RuleSpec:
     """The rule ``rule="auto"`` resolves to for ``block`` (see :data:`AUTO_RULES`)."""
     if block.is_local_module:
-        rule = str(getattr(block.layer, "tpsgd_auto_rule", "ce"))
+        rule = getattr(block.layer, "tpsgd_auto_rule", "ce")
         return AUTO_RULES["lean"] if lean and create_rule(rule).learns_projection else rule
     if lean:
         return AUTO_RULES["lean"]

@@ -47,12 +47,13 @@ class LocalModule(nn.Module):
     must then compute its own pseudo-gradients, hand them to ``context.submit`` and return outputs that
     carry no autograd graph. Otherwise (``tpsgd_context is None``) it is an ordinary differentiable module.
 
-    ``tpsgd_auto_rule`` names the rule the engine's ``rule="auto"`` (its default) gives the module.
+    ``tpsgd_auto_rule`` names the rule the engine's ``rule="auto"`` (its default) gives the module (a name or a
+    :class:`~lightning_tpsgd.rules.LocalRule`).
     ``tpsgd_learns_readout`` says that the module supports rules that learn their projection (``"learned"``):
     ``context.projection`` then returns a parameter the optimizer trains with the module, and ``forward`` hands
     its gradients to ``context.submit`` as ``readout_grads`` (one per requested key).
     """
 
     tpsgd_context: LocalContext | None = None
-    tpsgd_auto_rule: str = "ce"
+    tpsgd_auto_rule: str | LocalRule = "ce"
     tpsgd_learns_readout: bool = False

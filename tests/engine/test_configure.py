@@ -103,7 +103,9 @@ def test_auto_rule_follows_the_block_kind():
         def forward(self, x):
             return self.head(self.rnn(x)[1][-1])
 
-    assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)))) == {"rnn": "learned"}  # its tpsgd_auto_rule
+    recurrent = LocalLearner(Recurrent(RNN(4, 6, batch_first=True)))
+    assert rules(recurrent) == {"rnn": "learned"}  # its tpsgd_auto_rule, with readouts starting at the projection
+    assert recurrent.hidden[0].rule.init == "projection" and LocalLearner(model).hidden[0].rule.init == "zeros"
     assert rules(LocalLearner(Recurrent(RNN(4, 6, batch_first=True)), lean=True)) == {"rnn": "ce"}
 
     class L1RNN(RNN):
