@@ -53,7 +53,8 @@ class TPSGDConfig:
     rule: RuleSpec = _option(
         "auto",
         'local rule: ``"auto"`` (per block kind, see :data:`~lightning_tpsgd.engine.AUTO_RULES`: ``"learned"`` for '
-        'Linear/Conv blocks and for the RNN (a LocalModule names its own in ``tpsgd_auto_rule``), ``"ce"`` for them '
+        "Linear/Conv blocks (readouts starting at zero), for the blocks of ``blocks=`` and the RNN (starting at the "
+        'projection; a LocalModule names its own in ``tpsgd_auto_rule``), ``"ce"`` for them '
         'in lean mode), ``"ce"`` (cross-entropy over cosine '
         'similarities to the class targets, scale-free), ``"learned"`` (a learned linear readout per block, trained '
         'with it as an extra parameter group of the optimizer), ``"l2"`` (the paper\'s tpSGD-ℓ2), ``"l1"``, '

@@ -302,6 +302,14 @@ def test_bf16_autocast_trains_every_block():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_auto_gives_block_readouts_that_start_at_the_projection():
+    x, y = images(16)
+    for rule, init in (("auto", "projection"), ("learned", "zeros")):  # an explicit rule="learned" starts at zero
+        learner = LocalLearner(resnet20(), blocks=["layer*"], rule=rule, optimizer=sgd())
+        learner.step(x, y)
+        assert [(b.rule.name, b.rule.init) for b in learner.hidden] == [("learned", init)] * 2
+
+
 def test_overrides_name_blocks():
     x, y = images(16)
     learner = LocalLearner(resnet20(), blocks=["layer*"], overrides={"net.layer2": {"rule": "ce"}}, optimizer=sgd())
