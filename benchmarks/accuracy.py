@@ -202,7 +202,7 @@ def defaults_report(store: H.Store) -> list[str]:
         bars = [_bar(d_ctrl, BARS["control"]), _bar(d_bp, -need)]
         table.append([f"{row.dataset} · {row.title}", epochs(row), *cells, *bars])
     header = ["row", "epochs", "tpsgd (defaults)", "backprop", "random features (control)", "default − control"]
-    current = [r for k, r in store.runs.items() if "defaults" in r and not k.startswith("superseded/")]
+    current = [r for k, r in store.runs.items() if k.split("/")[2:3] == ["tpsgd"] and "defaults" in r]
     defaults = ", ".join(sorted({str(r["defaults"]) for r in current})) or "–"
     lines = ["Plain LightningModules as a user writes them, each trained three ways with the same epochs (Adam, lr"]
     lines += ['1e-3, batch 128): `Trainer(strategy="tpsgd")`, backpropagation and the control; a seeded 20,000-image']
