@@ -34,7 +34,7 @@ __all__ = [
 #: :class:`~lightning_tpsgd.nn.LocalModule` names its own in ``tpsgd_auto_rule`` (for the RNN, ``"learned"`` with
 #: the readouts starting at the projection: ``LearnedCE(init="projection")``). ``"block"``: the blocks of
 #: ``blocks=``, whose pooled readouts also start at the projection (a zero start lowered timm ``convnext_atto``
-#: and ``vit_tiny_patch16_224`` by 2.1 and 5.1 points, ``benchmarks/results/blockwise_timm.md``).
+#: and ``vit_tiny_patch16_224`` by 2.1 and 5.1 points: superseded runs in ``benchmarks/results/blockwise_timm.json``).
 AUTO_RULES: dict[str, RuleSpec] = {
     "linear": "learned",
     "conv": "learned",

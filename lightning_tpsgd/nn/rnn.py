@@ -174,7 +174,7 @@ class RNN(LocalModule):
     """
 
     #: per-step readouts that start at the projection: a zero start lowered the defaults matrix's Seq-MNIST rows
-    #: by 1.4-4.6 points (benchmarks/results/defaults.md)
+    #: by 1.4-4.6 points (the superseded seqmnist runs in benchmarks/results/defaults.json)
     tpsgd_auto_rule: LocalRule = LearnedCE(init="projection")
     tpsgd_learns_readout = True
 
