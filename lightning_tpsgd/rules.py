@@ -223,13 +223,14 @@ class LearnedCE(LocalRule):
 
     The block's readout ``W_i`` (``(C, *S)``, ``F_i`` elements per class) is trained *with the block*, on the same
     local loss: each hidden block is a greedy classifier with its own linear head (Belilovsky et al. 2019,
-    decoupled greedy learning), and no gradient crosses blocks. It starts at zero, so a block's first update comes
-    from a readout already fitted to its features, rather than pulling them towards ``C`` random directions of its
-    whole output: on the user-style models of ``benchmarks/results/defaults.md`` it is as close to backprop as the
-    random start or closer on 8 of 10 rows, 1.2 points closer on CIFAR-10's MLP with BatchNorm (0.4 points further
-    on MNIST's MLP). ``init="projection"`` starts from the block's fixed random projection scaled to unit-variance
-    logits, ``P_i / \sqrt{F_i}``: what ``rule="auto"`` gives the RNN and the blocks of ``blocks=``, where it
-    measured better.
+    decoupled greedy learning), and no gradient crosses blocks. It reads the block where the next layer receives
+    it (after the pooling that follows the activation, see :func:`~lightning_tpsgd.engine.blocks.tap_of`). It starts
+    at zero, so a block's first update comes from a readout already fitted to its features, rather than pulling
+    them towards ``C`` random directions of its whole output: on the user-style models of
+    ``benchmarks/results/defaults.md`` it is as close to backprop as the random start or closer on 8 of 10 rows, 1.2
+    points closer on CIFAR-10's MLP with BatchNorm (0.4 points further on MNIST's MLP). ``init="projection"`` starts
+    from the block's fixed random projection scaled to unit-variance logits, ``P_i / \sqrt{F_i}``: what
+    ``rule="auto"`` gives the RNN and the blocks of ``blocks=``, where it measured better.
 
     .. note:: Not in the paper. On CIFAR-10 it is the only rule of the library that trains the shallow CNN's
        convolutions better than random ones (see the README results). The readout ``W_i`` (``C · F_i``

@@ -8,8 +8,8 @@ functional code in ``forward`` (``F.relu``). :func:`find_blocks` gives the stati
 block's output depends on earlier blocks only through its layer's input (no skip connection across blocks).
 
 The *tap* of a block (:func:`tap_of`) is where its output is compared with its target: after the activation
-(``target="post"``: the activation module, or, for a functional activation, the input the next trainable
-layer receives) or before it (``target="pre"``).
+(``target="post"``: the activation module, for a learned readout the pooling module after it, or, for a functional
+activation, the input the next trainable layer receives) or before it (``target="pre"``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = tuple(
     if hasattr(nn, name)
 )
 _TORCH_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+#: Fixed-window pooling: a learned readout's tap extends over it (see :func:`tap_of`). Adaptive (global) pooling is
+#: left out: it usually sits before the head, where it would shrink a readout to one value per channel.
+POOLING_LAYERS: tuple[type[nn.Module], ...] = tuple(
+    getattr(nn, f"{kind}Pool{d}d") for kind in ("Max", "Avg", "LP") for d in (1, 2, 3) if hasattr(nn, f"{kind}Pool{d}d")
+)
 
 #: Activation modules: parameter-free (or frozen) nonlinearities a ``target="post"`` tap may sit on. The classes of
 #: torch's "Non-linear Activations" documentation; :func:`register_activation` adds more. timm's activation layers
@@ -334,13 +339,14 @@ def check_direct_parameters(model: nn.Module, blocks: list[Block], extra: Sequen
             )
 
 
-def tap_of(block: Block, target: str, strict: bool = True) -> nn.Module | None:
+def tap_of(block: Block, target: str, strict: bool = True, through_pooling: bool = False) -> nn.Module | None:
     """The module whose output is the block output ``h`` that meets the target (``None``: the next layer's input).
 
     ``"post"``: the first activation module called after the layer, extended over the activations and norms
-    called right after it; with no activation module, the input of the next trainable layer if the forward
-    applies an activation function on the way (``F.relu``), else as for ``"pre"``. ``"pre"``: the last of the
-    norms called right after the layer, or the layer itself.
+    called right after it (and, with ``through_pooling``, over fixed-window pooling modules: what a learned
+    readout reads is then what the next layer receives); with no activation module, the input of the next
+    trainable layer if the forward applies an activation function on the way (``F.relu``), else as for ``"pre"``.
+    ``"pre"``: the last of the norms called right after the layer, or the layer itself.
     """
     followers = block.followers
 
@@ -353,7 +359,8 @@ def tap_of(block: Block, target: str, strict: bool = True) -> nn.Module | None:
 
     first = next((pos for pos, (_, m) in enumerate(followers) if is_activation(m)), None)
     if target == "post" and first is not None:
-        tap_pos = extend(first, is_activation)
+        pooling = POOLING_LAYERS if through_pooling else ()
+        tap_pos = extend(first, lambda m: is_activation(m) or isinstance(m, pooling))
     elif target == "post" and block.functional_activation:
         return None  # every follower (norms included) runs before the tap
     else:

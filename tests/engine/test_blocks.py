@@ -19,9 +19,13 @@ def test_blocks_of_a_cnn():
     assert len(blocks[0].params) == 4  # conv weight/bias + batch-norm weight/bias
 
 
-@pytest.mark.parametrize(("target", "tap"), [("post", nn.LeakyReLU), ("pre", nn.BatchNorm2d)])
-def test_tap_is_after_or_before_the_activation(target, tap):
-    learner = LocalLearner(cnn(), target=target)
+@pytest.mark.parametrize(
+    ("target", "rule", "tap"),
+    [("post", "ce", nn.LeakyReLU), ("post", "auto", nn.MaxPool2d), ("pre", "auto", nn.BatchNorm2d)],
+)
+def test_tap_is_after_or_before_the_activation(target, rule, tap):
+    """A learned readout (rule auto) reads the block after the pooling that follows its activation."""
+    learner = LocalLearner(cnn(), target=target, rule=rule)
     assert isinstance(learner.hidden[0].tap, tap)
     learner.close()
 
@@ -59,9 +63,12 @@ def test_norm_after_pooling_is_rejected():
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(18, 2)
     )
-    learner = LocalLearner(model, num_classes=2)  # found when the first batch shows the call order
+    learner = LocalLearner(model, num_classes=2, rule="ce")  # found when the first batch shows the call order
     with pytest.raises(ValueError, match="Norm layer '3' in block '0' comes after"):
         learner.step(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+    learned = LocalLearner(model, num_classes=2, optimizer=sgd())  # a learned readout reads after pool and norm
+    learned.step(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+    assert learned.hidden[0].tap is model[3]
 
 
 def test_unknown_output_layer():

@@ -34,6 +34,23 @@ def test_configure_blocks_sets_rule_target_tap_and_projection_from_the_options()
     assert blocks[-1].rule is None and blocks[-1].projection is None  # the output block has no local target
 
 
+@pytest.mark.parametrize(("rule", "tap"), [("auto", nn.MaxPool2d), ("learned", nn.MaxPool2d), ("ce", nn.ReLU)])
+def test_a_learned_readout_reads_the_block_after_its_pooling(rule, tap):
+    """A learned readout reads what the next layer receives (after MaxPool); fixed projections the activation."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.1),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10),
+    )  # fmt: skip
+    learner = LocalLearner(model, rule=rule, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    learner.step(torch.randn(8, 1, 8, 8), torch.arange(8))
+    first, second = learner.hidden
+    assert isinstance(first.tap, tap)  # not over the dropout after the pooling
+    assert isinstance(second.tap, nn.ReLU)  # adaptive (global) pooling is left to the head
+    if tap is nn.MaxPool2d:
+        assert tuple(learner.learned_projections()[0].shape) == (10, 4, 4, 4)
+    learner.close()
+
+
 def test_auto_resolves_per_block_kind_and_lean_mode():
     blocks, hidden = _hidden(nn.Sequential(cnn()[:7], nn.Linear(54, 20), nn.ReLU(), nn.Linear(20, 10)))
     assert [auto_rule(b, lean=False) for b in hidden] == [AUTO_RULES["conv"], AUTO_RULES["conv"], AUTO_RULES["linear"]]
@@ -130,4 +147,4 @@ def test_conv_projection_choice():
     learner = LocalLearner(cnn(), conv_projection="naive", projection="binary")
     learner.step(*batch())
     assert learner.hidden[0].projection.name == "binary"
-    assert learner.hidden[0].projection.P.shape == (10, 4, 6, 6)
+    assert learner.hidden[0].projection.P.shape == (10, 4, 3, 3)  # a learned readout: after the MaxPool

@@ -83,12 +83,19 @@ def test_learned_projection_starts_at_zero_or_the_fixed_one_and_trains_with_its_
     learner.step(x, y)
     groups = learner.optimizer.param_groups
     assert len(groups) == 3 and [g["params"] for g in groups[1:]] == [[P] for P in learner.learned_projections()]
-    for block, ref in zip(learner.hidden, fixed.hidden, strict=True):
-        W, P = block.projection.P, ref.projection.P
-        start = torch.zeros_like(P) if init == "zeros" else P / P[0].numel() ** 0.5
+    for block in learner.hidden:
+        W = block.projection.P
         assert isinstance(W, nn.Parameter) and block.params[-1] is W
-        assert not torch.equal(W, start)  # one SGD step moved it
-        torch.testing.assert_close(W + 0.1 * W.grad, start)
+    # block "0"'s readout reads the map after its MaxPool (rule ce meets the activation's); block "4"'s starts at
+    # zero or at the fixed projection, and one SGD step moved it
+    assert learner.hidden[0].projection.P.shape == (10, 4, 3, 3) and isinstance(learner.hidden[0].tap, nn.MaxPool2d)
+    W, P = learner.hidden[1].projection.P, fixed.hidden[1].projection.P
+    start = torch.zeros_like(P) if init == "zeros" else P / P[0].numel() ** 0.5
+    assert not torch.equal(W, start)
+    torch.testing.assert_close(W + 0.1 * W.grad, start)
+    first = learner.hidden[0].projection.P
+    if init == "zeros":
+        torch.testing.assert_close(first + 0.1 * first.grad, torch.zeros_like(first))
     # the gradients of block "4" and its readout are those of its own loss on its detached input
     block = learner.hidden[1]
     W0 = (block.projection.P + 0.1 * block.projection.P.grad).detach().requires_grad_()
