@@ -73,7 +73,11 @@ class TPSGDConfig:
         '``projection``, over K·H·W); or one dense kind over K·H·W whatever ``projection`` is: ``"uniform"``, '
         '``"normal"``, ``"binary"``, ``"orthogonal"``',
     )
-    target: str = _option("post", 'compare after the activation (``"post"``) or before it (``"pre"``)')
+    target: str = _option(
+        "post",
+        'compare after the activation (``"post"``; a learned readout reads after the pooling that follows it, '
+        'what the next layer receives) or before it (``"pre"``)',
+    )
     target_scale: float = _option(
         1.0, 'RMS of the targets (ℓ1/ℓ2/DRTP; a multiplier for ``"filter"``; ignored by ``"ce"``)'
     )
@@ -160,6 +164,12 @@ class TPSGDConfig:
         "before its rule (by default a learned linear readout, as decoupled greedy learning's auxiliary heads); "
         "token sequences (B, L, D) are averaged over the tokens",
     )
+    recompute: bool = _option(
+        False,
+        "with ``blocks``: recompute activations inside each block during its backward, one sub-block at a time "
+        "(activation checkpointing of the block's children, entering ``nn.Sequential``): a block then holds only "
+        'its sub-blocks\' outputs, for one more forward of each block (README, "Residual and attention networks")',
+    )
 
     readout_lr: float | str = _option(
         "auto",
@@ -190,7 +200,7 @@ class TPSGDConfig:
         ):
             raise TypeError(f"output_layers must be a list of layer names, got {self.output_layers!r}.")
         _check_overrides(self.overrides or {}, dense)
-        for name in ("validate", "log_local_losses", "lean", "compile"):
+        for name in ("validate", "log_local_losses", "lean", "compile", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if _check_int("check_every", self.check_every) < 1:
@@ -204,6 +214,12 @@ class TPSGDConfig:
             raise ValueError(f"block_pool must be a positive int (the side of the pooled grid), got {self.block_pool}.")
         if self.blocks is not None:
             _check_blockwise(self)
+        elif self.recompute:
+            raise ValueError(
+                "recompute=True needs blocks=: it recomputes activations inside block-wise blocks, whereas a "
+                "per-layer block (blocks=None) holds only its layer's own. Pass blocks='auto' (or module names), "
+                "or leave recompute off."
+            )
         if self.lean and self.rule != "auto" and create_rule(self.rule).learns_projection:
             raise ValueError(
                 f"rule={self.rule!r} learns its projection, which lean=True does not store. Use lean=False, or a "

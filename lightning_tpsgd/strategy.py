@@ -259,6 +259,7 @@ class TPSGDStrategy(_LocalLearning, ParallelStrategy):
         compile: bool = False,
         blocks: BlockSpec = None,
         block_pool: int = 2,
+        recompute: bool = False,
         readout_lr: float | str = "auto",
         device: str | torch.device | None = None,
         accelerator: Any | None = None,
@@ -367,6 +368,7 @@ class TPSGDDDPStrategy(_LocalLearning, DDPStrategy):
         compile: bool = False,
         blocks: BlockSpec = None,
         block_pool: int = 2,
+        recompute: bool = False,
         readout_lr: float | str = "auto",
         **ddp_kwargs: Any,
     ) -> None:

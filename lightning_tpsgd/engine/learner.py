@@ -39,6 +39,7 @@ from .checks import (
 from .configure import AUTO_RULES, configure_block, configure_blocks, configure_traced, may_learn_projection
 from .forward import BoundaryHooks, GradSync, StepState, StopForward, local_context
 from .graphs import GraphedSteps
+from .recompute import Recomputation
 from .schedule import Schedule, freeze
 from .store import ProjectionStore, learned
 from .tracing import Tracer
@@ -101,6 +102,14 @@ class LocalLearner:
             self._adopt(find_blocks(model, self._output_layers, strict=False))
         else:
             self._adopt(block_plan(model, config.blocks, config.block_pool))
+        if config.recompute and cuda_graph:
+            raise ValueError(
+                "recompute=True cannot run inside a CUDA graph: checkpointing saves and restores the RNG state on "
+                "the host at every block. Use one of cuda_graph=True or recompute=True."
+            )
+        self._recompute = Recomputation([(b.name, b.layer) for b in self.blocks]) if config.recompute else None
+        if self._recompute is not None:
+            self._recompute.attach()
         num_classes = config.num_classes
         if num_classes is None and config.blocks is not None:  # block-wise: the head is known before the first batch
             num_classes = head_classes(model, self.blocks)
@@ -169,6 +178,8 @@ class LocalLearner:
         """Remove the hooks and unfreeze every block; the model is then an ordinary module again."""
         self._tracer.close()
         self._schedule.release(self.blocks)
+        if self._recompute is not None:
+            self._recompute.remove()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Let ``optimizer`` train the learned projections (rules with ``learns_projection``, e.g. ``"learned"``).

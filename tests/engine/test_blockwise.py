@@ -207,6 +207,38 @@ def test_a_blocks_activations_are_freed_before_the_next_block_runs():
     assert alive_at_layer2[0] == 0 and alive_at_layer2[1] > 20
 
 
+def test_recompute_gives_the_same_steps_and_holds_only_the_sub_block_outputs():
+    """recompute=True: the same parameters, readouts and BatchNorm statistics after two steps (dropout masks too),
+    and the forward saves for the backward little more than the residual blocks' inputs (a quarter here)."""
+    x, y = images(16)
+    plain, checkpointed = resnet20(), resnet20()
+    plain.net.linear = nn.Sequential(nn.Dropout(0.5), plain.net.linear)  # RNG replayed by the recomputation
+    checkpointed.net.linear = copy.deepcopy(plain.net.linear)
+    runs = {}
+    for name, model, recompute in (("plain", plain, False), ("checkpointed", checkpointed, True)):
+        learner = LocalLearner(model, blocks=["layer*"], recompute=recompute, optimizer=sgd())
+        saved: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t, lambda t: t):
+            for _ in range(2):
+                torch.manual_seed(1)
+                learner.step(x, y)
+        runs[name] = sum(saved)
+        learner.close()
+    for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert "forward" not in vars(checkpointed.net.layer1[0])  # close() gives the units their forward back
+    assert runs["checkpointed"] < 0.4 * runs["plain"]
+
+
+def test_recompute_needs_blocks_that_hold_sub_modules():
+    with pytest.raises(ValueError, match=r"recompute=True needs blocks="):
+        LocalLearner(resnet20(), recompute=True)
+    with pytest.raises(ValueError, match=r"block 'net.layer1.0.bn1' \(BatchNorm2d\) has no sub-module"):
+        LocalLearner(resnet20(), blocks=["layer1.0.bn1", "layer2"], recompute=True)
+    with pytest.raises(ValueError, match=r"recompute=True cannot run inside a CUDA graph"):
+        LocalLearner(resnet20(), blocks="auto", recompute=True, cuda_graph=True)
+
+
 # ----------------------------------------------------------------------------------------- schedule and state
 def test_layerwise_schedule_trains_one_block_per_stage_and_stops_the_forward():
     x, y = images(16)
@@ -355,6 +387,8 @@ def test_bad_blocks_are_rejected_with_the_candidates(blocks, match):
         ({"blocks": "auto", "lean": True}, ValueError, r"lean=True cannot work with blocks="),
         ({"blocks": "auto", "output_layers": ["net.linear"]}, ValueError, r"output_layers=.*does not apply"),
         ({"blocks": "auto", "target": "pre"}, ValueError, r"target='pre' does not apply"),
+        ({"recompute": True}, ValueError, r"recompute=True needs blocks="),
+        ({"blocks": "auto", "recompute": 1}, TypeError, r"recompute must be True or False"),
     ],
 )
 def test_the_strategies_reject_bad_block_options_when_built(options, error, match):
@@ -423,6 +457,18 @@ def test_strategy_trains_a_residual_or_attention_network_block_wise(net):
     fit(module, TPSGDStrategy(blocks="auto"), epochs=2)
     x, y = images(512, seed=1)
     assert accuracy(module, x, y) > 0.5
+
+
+def test_strategy_with_recompute_trains_like_without():
+    """The same run with recompute=True ends with the same weights; the units get their forward back after fit."""
+    modules = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        modules.append(Classifier(TinyViT()))
+        fit(modules[-1], TPSGDStrategy(blocks="auto", recompute=recompute), n=128)
+    for (name, a), b in zip(modules[0].state_dict().items(), modules[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not any("forward" in vars(m) for m in modules[1].modules())
 
 
 def test_strategy_resumes_from_a_checkpoint_exactly(tmp_path):
