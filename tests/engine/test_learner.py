@@ -9,7 +9,9 @@ from _nets import aten_counts, batch, cnn, mlp, sgd
 from torch import nn
 
 from lightning_tpsgd import LocalLearner
+from lightning_tpsgd.engine.store import ProjectionStore
 from lightning_tpsgd.functional import readout_ce, tpsgd_l2
+from lightning_tpsgd.projections import create_projection
 from lightning_tpsgd.rules import LearnedCE
 
 
@@ -93,9 +95,11 @@ def test_learned_projection_starts_at_zero_or_the_fixed_one_and_trains_with_its_
     start = torch.zeros_like(P) if init == "zeros" else P / P[0].numel() ** 0.5
     assert not torch.equal(W, start)
     torch.testing.assert_close(W + 0.1 * W.grad, start)
-    first = learner.hidden[0].projection.P
-    if init == "zeros":
-        torch.testing.assert_close(first + 0.1 * first.grad, torch.zeros_like(first))
+    first = learner.hidden[0].projection
+    fixed_first = create_projection(first.name, 10, 1.0)  # the fixed projection of the pooled map, from the seed
+    fixed_first.build(tuple(first.P.shape[1:]), ProjectionStore(2, False, "auto").key("0"), x.device, torch.float32)
+    P = fixed_first.P
+    torch.testing.assert_close(first.P + 0.1 * first.P.grad, P * 0 if init == "zeros" else P / P[0].numel() ** 0.5)
     # the gradients of block "4" and its readout are those of its own loss on its detached input
     block = learner.hidden[1]
     W0 = (block.projection.P + 0.1 * block.projection.P.grad).detach().requires_grad_()
